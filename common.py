@@ -150,3 +150,36 @@ def hf_model_dir(name_or_dir: str) -> Path:
         if not (folder / file).exists():
             download(f"https://huggingface.co/openai-community/{name_or_dir}/resolve/main/{file}", folder / file, hint)
     return folder
+
+
+# ----------------------------------------------------------------------------- models
+
+# Where the study's pretraining runs leave their weights, latest first: a model to sample
+# from or fine-tune defaults to the newest that exists.
+STUDY_RUNS = ("out/pretrain_continue", "out/pretrain")
+
+
+def default_base() -> str:
+    for run in STUDY_RUNS:
+        if (Path(run) / "checkpoint" / "model.safetensors").exists():
+            return run
+    raise UserError(f"no pretrained model found in {' or '.join(STUDY_RUNS)}: train one with "
+                    f"python train.py config/pretrain.py, or pass another run folder or gpt2-medium")
+
+
+def load_model(spec: str, **overrides):
+    """A GPT from a run folder of ours (out_dir), a .safetensors file saved by GPT.save, or a
+    Hugging Face GPT-2 (folder or hub name). `overrides` set runtime fields (dropout, attn_impl)."""
+    from model import GPT
+
+    path = Path(spec)
+    if (path / "checkpoint" / "model.safetensors").exists():
+        path = path / "checkpoint" / "model.safetensors"
+    if path.is_dir() and (path / "model.safetensors").exists() and not (path / "config.json").exists():
+        path = path / "model.safetensors"
+    if path.suffix == ".safetensors" and path.is_file():
+        return GPT.from_file(path, **overrides)
+    if path.is_dir() and not (path / "config.json").exists():
+        raise UserError(f"{spec} holds no model: expected a run folder with checkpoint/model.safetensors, "
+                        f"or a Hugging Face folder with config.json")
+    return GPT.from_pretrained(spec, **overrides)

@@ -388,7 +388,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g.mul_((ok / n)[:, None])
                 g = g.to(cdt)
                 grad_x[s:s + LOSS_CHUNK] = g @ w
-                grad_w += g.t() @ xc
+                if cdt == torch.float32:
+                    grad_w.addmm_(g.t(), xc)  # in place: no (vocab, n_embd) temporary per chunk
+                else:
+                    grad_w += g.t() @ xc
         ctx.save_for_backward(grad_x, grad_w)
         ctx.weight_dtype = weight.dtype
         return total / n

@@ -1,0 +1,27 @@
+# A CPU-sized GPT-2 that learns something real in about ten minutes on 2 cores, from the
+# local corpus (prepare it first):
+#   python data/text/prepare.py --src '../shared/data/corpus/*.txt' --out_dir data/corpus
+#   python train.py config/pretrain_small.py
+out_dir = "out/pretrain_small"
+data_dir = "data/corpus"
+
+n_layer = 4
+n_head = 4
+n_embd = 128
+block_size = 256
+dropout = 0.0
+
+max_iters = 1200
+batch_size = 16
+grad_accum = 1
+lr = 2e-3
+min_lr = 2e-4
+warmup_iters = 100
+decay = "cosine"
+weight_decay = 0.1
+grad_clip = 1.0
+
+eval_interval = 200
+eval_iters = 20
+log_interval = 10
+device = "cpu"

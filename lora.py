@@ -1,0 +1,334 @@
+"""LoRA (Hu et al., 2021): fine-tune a frozen GPT-2 through low-rank updates of its linear layers.
+
+A target layer y = x Wᵀ + b becomes y = x Wᵀ + b + (α/r)·(drop(x) Aᵀ) Bᵀ with A (r, in) and
+B (out, r) the only trainable weights. A starts random and B at zero, so a fresh adapter leaves
+the model exactly as it was.
+
+Target names (LoRAConfig.targets), per transformer block:
+    'q', 'k', 'v'   the query, key and value thirds of the fused attn.c_attn (each on or off)
+    'attn_out'      attn.c_proj, the attention output projection
+    'mlp_in'        mlp.c_fc
+    'mlp_out'       mlp.c_proj
+The default, q and v, is the LoRA paper's choice for GPT-2.
+
+An adapter is saved alone (`save_adapter`: safetensors of the LoRA tensors, a few MB at most)
+together with its config and the identity of the base it was trained on, so that loading it
+into any other base stops with one line saying what differs.
+"""
+
+import hashlib
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common import UserError
+
+# On CUDA, unmerged LoRA layers run the fused Triton kernel (kernels.lora_linear), which also
+# applies the LoRA dropout itself. Set to False to use the plain PyTorch ops everywhere.
+USE_KERNEL = True
+
+# target name -> (module path inside a block, which third of the module's output it adapts;
+# None: the whole output)
+TARGETS = {
+    "q": ("attn.c_attn", 0),
+    "k": ("attn.c_attn", 1),
+    "v": ("attn.c_attn", 2),
+    "attn_out": ("attn.c_proj", None),
+    "mlp_in": ("mlp.c_fc", None),
+    "mlp_out": ("mlp.c_proj", None),
+}
+
+ADAPTER_FORMAT = "gpt2-study-lora-adapter/1"
+FINGERPRINT_SAMPLE = 65536  # values per tensor that base_fingerprint reads
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 4  # rank of the update
+    alpha: float = 32  # the update is scaled by alpha / r, so changing r keeps its size comparable
+    dropout: float = 0.1  # on the LoRA branch's input only
+    targets: tuple = ("q", "v")
+
+    def __post_init__(self):
+        if isinstance(self.targets, str):
+            self.targets = (self.targets,)
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if unknown:
+            raise UserError(f"unknown LoRA target {unknown[0]!r}; valid targets: {', '.join(TARGETS)}")
+        if not self.targets:
+            raise UserError(f"LoRA needs at least one target; valid targets: {', '.join(TARGETS)}")
+        self.targets = tuple(t for t in TARGETS if t in self.targets)  # canonical order, no duplicates
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise UserError(f"LoRA rank r must be a positive integer, not {self.r!r}")
+        if not self.alpha > 0:
+            raise UserError(f"LoRA alpha must be positive, not {self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"LoRA dropout must be in [0, 1), not {self.dropout!r}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear (`.base`) plus one trainable low-rank update per adapted part.
+
+    `parts` maps each target name to the slot of the output it adapts, out of `n_slots` equal
+    slots: q, k, v are slots 0, 1, 2 of 3 in the fused c_attn; a whole layer is slot 0 of 1.
+    Each part owns lora_A[name] (r, in) and lora_B[name] (out/n_slots, r).
+    """
+
+    def __init__(self, base: nn.Linear, parts: dict[str, int], n_slots: int, cfg: LoRAConfig):
+        super().__init__()
+        self.base = base
+        self.parts, self.n_slots = parts, n_slots
+        self.r, self.scale, self.dropout = cfg.r, cfg.scale, cfg.dropout
+        w = base.weight
+        slot_out = base.out_features // n_slots
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        for name in parts:
+            a = torch.empty(cfg.r, base.in_features, device=w.device, dtype=w.dtype)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as in the paper's code (nn.Linear's default)
+            self.lora_A[name] = nn.Parameter(a)
+            self.lora_B[name] = nn.Parameter(torch.zeros(slot_out, cfg.r, device=w.device, dtype=w.dtype))
+        self.merged = False
+        # the exact base weight while merged; a buffer so that model.to(...) moves it along
+        self.register_buffer("_unmerged_weight", None, persistent=False)
+
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A (k·r, in), B (out, k·r)) for the k adapted parts, so that the whole update is one
+        low-rank product B A. B is block-structured: part i's B fills its own slot of rows and
+        columns i·r..(i+1)·r, zeros elsewhere. Built each call (tiny), so gradients reach the
+        per-part parameters."""
+        names = list(self.parts)
+        if self.n_slots == 1:
+            return self.lora_A[names[0]], self.lora_B[names[0]]
+        A = torch.cat([self.lora_A[n] for n in names])
+        zero = self.lora_B[names[0]].new_zeros(self.base.out_features // self.n_slots, self.r)
+        columns = [torch.cat([self.lora_B[n] if slot == self.parts[n] else zero for slot in range(self.n_slots)])
+                   for n in names]
+        return A, torch.cat(columns, dim=1)
+
+    def forward(self, x):
+        if self.merged:  # the update is inside the base weight
+            return self.base(x)
+        A, B = self.lora_factors()
+        if USE_KERNEL and x.is_cuda:
+            from kernels.lora_linear import lora_linear
+
+            return lora_linear(x, self.base.weight, self.base.bias, A, B, self.scale,
+                               dropout_p=self.dropout, training=self.training)
+        h = F.dropout(x, self.dropout, self.training)
+        return self.base(x) + self.scale * F.linear(F.linear(h, A), B)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        W = self.base.weight
+        A, B = self.lora_factors()
+        self._unmerged_weight = W.detach().clone()
+        W.copy_((W.float() + self.scale * (B.float() @ A.float())).to(W.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        self.base.weight.copy_(self._unmerged_weight)
+        self._unmerged_weight = None
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"parts={list(self.parts)}, r={self.r}, scale={self.scale:g}, dropout={self.dropout:g}"
+
+
+# ----------------------------------------------------------------------------- injection
+
+
+def _lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            yield name, m
+
+
+def inject_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
+    """Replace the target Linear layers of every block by LoRALinear (in place) and freeze
+    everything but the LoRA weights. Returns the model."""
+    if any(True for _ in _lora_modules(model)):
+        raise UserError("the model already has LoRA adapters: inject_lora was called twice")
+    blocks = getattr(getattr(model, "transformer", None), "h", None)
+    if blocks is None:
+        raise UserError("inject_lora needs a GPT model (transformer.h holds its blocks)")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    # module path -> ({target: slot}, number of slots); q, k and v share one module
+    by_module: dict[str, tuple[dict[str, int], int]] = {}
+    for t in cfg.targets:
+        path, slot = TARGETS[t]
+        parts, _ = by_module.setdefault(path, ({}, 1 if slot is None else 3))
+        parts[t] = slot or 0
+    for block in blocks:
+        for path, (parts, n_slots) in by_module.items():
+            parent_path, attr = path.rsplit(".", 1)
+            parent = block.get_submodule(parent_path)
+            base = getattr(parent, attr)
+            # a new module starts in training mode: keep the model's mode (eval: no LoRA dropout)
+            setattr(parent, attr, LoRALinear(base, parts, n_slots, cfg).train(base.training))
+    model.lora_config = cfg
+    return model
+
+
+def lora_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """(name, parameter) of every LoRA weight, named as in model.named_parameters()."""
+    for name, m in _lora_modules(model):
+        yield from m.lora_A.named_parameters(prefix=f"{name}.lora_A")
+        yield from m.lora_B.named_parameters(prefix=f"{name}.lora_B")
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach() for name, p in lora_parameters(model)}
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every update into its base weight (W += α/r · B A, in float32) for fast inference."""
+    for _, m in _lora_modules(model):
+        m.merge()
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Undo merge_lora, restoring the exact original base weights."""
+    for _, m in _lora_modules(model):
+        m.unmerge()
+    return model
+
+
+# ----------------------------------------------------------------------------- base identity
+
+
+def _base_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name in the plain model, unmerged value) of every non-LoRA parameter: the same whether or
+    not LoRA is injected or merged."""
+    lora_ids = {id(p) for _, p in lora_parameters(model)}
+    renames, unmerged = {}, {}
+    for name, m in _lora_modules(model):
+        renames[f"{name}.base"] = name
+        if m.merged:
+            unmerged[id(m.base.weight)] = m._unmerged_weight
+    for name, p in model.named_parameters():
+        if id(p) in lora_ids:
+            continue
+        module, leaf = name.rsplit(".", 1)
+        yield f"{renames.get(module, module)}.{leaf}", unmerged.get(id(p), p)
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """16 hex digits of a SHA-256 over the base model's parameter names, shapes and values.
+
+    Reading all of GPT-2 medium's 355M values would take seconds, so each tensor contributes an
+    evenly strided sample of at most FINGERPRINT_SAMPLE values (any trained or differently seeded
+    weights differ there). Values are hashed rounded to bfloat16, so a base loaded in float32 or
+    cast to bfloat16 has the same fingerprint. LoRA weights are left out, and a merged model is
+    hashed with its pre-merge weights.
+    """
+    h = hashlib.sha256()
+    for name, p in sorted(_base_parameters(model), key=lambda item: item[0]):
+        flat = p.detach().reshape(-1)
+        step = max(1, -(-flat.numel() // FINGERPRINT_SAMPLE))
+        sample = flat[::step].to(torch.bfloat16).cpu().contiguous()
+        h.update(f"{name}{tuple(p.shape)};".encode())
+        h.update(sample.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def save_adapter(model: nn.Module, path, extra_meta: dict | None = None) -> None:
+    """Write the LoRA weights alone, with their config and the base's identity, as safetensors.
+
+    `extra_meta` (JSON-serialisable) is stored too; its key 'base', a human-readable description
+    of the base such as 'gpt2-medium' or a checkpoint path, is shown when the adapter is refused.
+    """
+    from safetensors.torch import save_file
+
+    cfg = getattr(model, "lora_config", None)
+    if cfg is None:
+        raise UserError("the model has no LoRA adapters to save (call inject_lora first)")
+    meta = {
+        "format": ADAPTER_FORMAT,
+        "lora_config": json.dumps(asdict(cfg)),
+        "base_fingerprint": base_fingerprint(model),
+        "base_architecture": json.dumps(model.config.architecture()),
+        "extra": json.dumps(extra_meta or {}),
+    }
+    tensors = {name: t.contiguous().cpu() for name, t in lora_state_dict(model).items()}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=meta)
+
+
+def read_adapter_meta(path) -> dict:
+    """The metadata of an adapter file: {'format', 'lora_config' (dict), 'base_fingerprint',
+    'base_architecture' (dict), 'extra' (dict)}."""
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        raise UserError(f"adapter file {path} not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise UserError(f"{path} is not a safetensors file ({e})") from e
+    if meta.get("format") != ADAPTER_FORMAT:
+        raise UserError(f"{path} is not a LoRA adapter saved by this project (format {meta.get('format')!r})")
+    for key in ("lora_config", "base_architecture", "extra"):
+        meta[key] = json.loads(meta[key])
+    return meta
+
+
+def _check_base(model: nn.Module, meta: dict, path) -> None:
+    said = meta["extra"].get("base")
+    described = f" (described as {said!r})" if said else ""
+    ours, theirs = model.config.architecture(), meta["base_architecture"]
+    differ = [f"{k} is {theirs.get(k)} there, {ours.get(k)} here" for k in sorted(ours.keys() | theirs.keys())
+              if ours.get(k) != theirs.get(k)]
+    if differ:
+        raise UserError(f"adapter {path} was trained on a base{described} of another architecture: "
+                        + "; ".join(differ))
+    fp = base_fingerprint(model)
+    if fp != meta["base_fingerprint"]:
+        raise UserError(f"adapter {path} was trained on base {meta['base_fingerprint']}{described}, "
+                        f"this base is {fp}: its weights differ")
+
+
+def load_adapter(model: nn.Module, path) -> LoRAConfig:
+    """Load an adapter saved by save_adapter into `model`, injecting LoRA with the saved config
+    if the model has none yet. Refuses (UserError) a base other than the one it was trained on."""
+    from safetensors.torch import load_file
+
+    meta = read_adapter_meta(path)
+    _check_base(model, meta, path)
+    cfg = LoRAConfig(**meta["lora_config"])
+    have = getattr(model, "lora_config", None)
+    if have is None:
+        inject_lora(model, cfg)
+    elif (have.r, have.alpha, have.targets) != (cfg.r, cfg.alpha, cfg.targets):
+        raise UserError(f"adapter {path} has r={cfg.r}, alpha={cfg.alpha:g}, targets={list(cfg.targets)}; "
+                        f"the model's LoRA has r={have.r}, alpha={have.alpha:g}, targets={list(have.targets)}")
+    if any(m.merged for _, m in _lora_modules(model)):
+        raise UserError("the model's LoRA is merged: unmerge_lora before loading another adapter")
+    saved, params = load_file(str(path)), dict(lora_parameters(model))
+    if saved.keys() != params.keys() or any(saved[k].shape != p.shape for k, p in params.items()):
+        raise UserError(f"adapter {path} holds tensors that do not match its own config")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name])
+    return cfg

@@ -1,0 +1,470 @@
+"""The training machinery that pretraining (train.py) and LoRA fine-tuning (finetune.py) share.
+
+One loop, `fit`, with everything around it: the run's devices and DDP, AdamW with a
+warmup-then-decay schedule, gradient accumulation and clipping, mixed precision, an
+epoch-based data order that can be resumed exactly, evaluation, logging (TensorBoard,
+metrics.jsonl, a progress bar) and atomic checkpoints.
+
+A dataset here is anything with `len(ds)` (a number of examples) and
+`ds.batch(indices) -> (x, y)`: token ids and targets (IGNORE_INDEX where not scored).
+"""
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from common import UserError
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "out/run"
+    init_from: str = "scratch"  # 'resume' continues out_dir's run; other values: see each script
+    # length: epochs over the training set, or an exact number of optimizer steps
+    epochs: float = 1.0
+    max_iters: int = 0  # > 0: overrides epochs
+    batch_size: int = 8  # sequences per micro-batch, per process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    # AdamW and the learning-rate schedule
+    lr: float = 3e-4
+    min_lr: float = 3e-5  # the schedule decays to this
+    warmup_iters: int = 0
+    decay: str = "cosine"  # 'cosine', 'linear' or 'constant'
+    weight_decay: float = 0.1  # applied to matrices only, never to biases or LayerNorm gains
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables
+    label_smoothing: float = 0.0
+    # evaluation, logging, checkpoints
+    eval_interval: int = 500  # steps; 0 evaluates once per epoch
+    eval_iters: int = 100  # validation batches per evaluation; 0 uses the whole validation set
+    ckpt_interval: int = 0  # steps; 0 saves at every evaluation
+    log_interval: int = 10
+    progress: bool = True  # progress bar
+    # system
+    device: str = "auto"  # 'auto' (cuda if present), 'cpu', 'cuda', 'cuda:1', ...
+    dtype: str = "float32"  # 'float32', or autocast to 'bfloat16' / 'float16'
+    compile: bool = False
+    seed: int = 1337
+    peak_flops: float = 0.0  # for MFU; 0 guesses from the GPU's name (bf16 dense)
+
+
+# ----------------------------------------------------------------------------- the run's devices
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int
+    local_rank: int
+    world: int
+    autocast: Callable  # () -> context manager
+    scaler: torch.amp.GradScaler
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ddp(self) -> bool:
+        return self.world > 1
+
+
+def setup_runtime(cfg: TrainConfig) -> Runtime:
+    """Devices, DDP (when started by torchrun), seeds and mixed precision for this process."""
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in
+                               (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    want = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device '{want}' asked for, but PyTorch sees no CUDA GPU; use --device=cpu")
+    if world > 1:
+        if want.startswith("cuda"):
+            want = f"cuda:{local_rank}"
+            torch.cuda.set_device(want)
+        dist.init_process_group("nccl" if want.startswith("cuda") else "gloo")
+    device = torch.device(want)
+    torch.manual_seed(cfg.seed + rank)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if cfg.dtype not in dtypes:
+        raise UserError(f"dtype must be one of {', '.join(dtypes)}, not '{cfg.dtype}'")
+    dtype = dtypes[cfg.dtype]
+    if dtype == torch.float32:
+        autocast = contextlib.nullcontext
+    else:
+        def autocast():
+            return torch.autocast(device.type, dtype=dtype)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    return Runtime(device, rank, local_rank, world, autocast, scaler)
+
+
+def teardown(rt: Runtime) -> None:
+    if rt.ddp and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- data order
+
+
+class EpochSampler:
+    """A fresh random order of the examples each epoch, walked a global batch at a time.
+
+    The order depends only on (seed, epoch), so the position (epoch, offset) is all that a
+    checkpoint needs to continue exactly where the run stopped.
+    """
+
+    def __init__(self, n: int, global_batch: int, seed: int):
+        if n < global_batch:
+            raise UserError(f"the training set has {n} examples, fewer than one optimizer step needs "
+                            f"({global_batch} = batch_size x grad_accum x processes); lower batch_size")
+        self.n, self.global_batch, self.seed = n, global_batch, seed
+        self.epoch, self.offset = 0, 0
+        self._order = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n // self.global_batch  # the incomplete last batch of an epoch is dropped
+
+    def next_batch(self) -> list[int]:
+        if self.offset + self.global_batch > self.n:
+            self.epoch, self.offset, self._order = self.epoch + 1, 0, None
+        if self._order is None:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            self._order = torch.randperm(self.n, generator=g).tolist()
+        batch = self._order[self.offset:self.offset + self.global_batch]
+        self.offset += self.global_batch
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.offset, self._order = state["epoch"], state["offset"], None
+
+
+# ----------------------------------------------------------------------------- optimizer, schedule
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; weight decay on matrices only (not biases, gains)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warmup from 0 to lr, then cosine or linear decay to min_lr at the last step."""
+    if step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / cfg.warmup_iters
+    if cfg.decay == "constant" or total <= cfg.warmup_iters:
+        return cfg.lr
+    progress = min(1.0, (step - cfg.warmup_iters) / max(1, total - cfg.warmup_iters))
+    if cfg.decay == "linear":
+        return cfg.lr + (cfg.min_lr - cfg.lr) * progress
+    if cfg.decay == "cosine":
+        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+    raise UserError(f"decay must be 'cosine', 'linear' or 'constant', not '{cfg.decay}'")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+CKPT, CKPT_TMP, CKPT_OLD = "checkpoint", "checkpoint.tmp", "checkpoint.old"
+STATE_FILE = "train_state.pt"
+
+
+def find_checkpoint(out_dir) -> Path | None:
+    """The run's last complete checkpoint folder, if any.
+
+    A checkpoint is written into checkpoint.tmp and then swapped in by renames; a crash
+    between the two renames leaves the previous one as checkpoint.old, which is used.
+    """
+    for name in (CKPT, CKPT_OLD):
+        if (Path(out_dir) / name / STATE_FILE).exists():
+            return Path(out_dir) / name
+    return None
+
+
+def save_checkpoint(out_dir, export: Callable[[Path], None], state: dict, run_info: dict) -> Path:
+    out_dir = Path(out_dir)
+    tmp, final, old = out_dir / CKPT_TMP, out_dir / CKPT, out_dir / CKPT_OLD
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    export(tmp)
+    torch.save(state, tmp / STATE_FILE)
+    (tmp / "config.json").write_text(json.dumps(run_info, indent=2, default=str))
+    for f in tmp.iterdir():  # on disk before the swap, so a crash cannot leave a torn checkpoint
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_train_state(ckpt: Path) -> dict:
+    return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def check_out_dir(cfg: TrainConfig) -> Path | None:
+    """The checkpoint to resume from (init_from='resume'), refusing to overwrite a run otherwise."""
+    ckpt = find_checkpoint(cfg.out_dir)
+    if cfg.init_from == "resume":
+        if ckpt is None:
+            raise UserError(f"nothing to resume: {cfg.out_dir} holds no checkpoint; start a new run without "
+                            f"--init_from=resume")
+        return ckpt
+    if ckpt is not None:
+        step = load_train_state(ckpt)["step"]
+        raise UserError(f"{cfg.out_dir} already holds a run (checkpoint at step {step}); continue it with "
+                        f"--init_from=resume or choose another --out_dir")
+    return None
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class RunLog:
+    """TensorBoard, out_dir/metrics.jsonl and the progress bar, on the master process only."""
+
+    def __init__(self, cfg: TrainConfig, rt: Runtime, start: int, total: int):
+        self.enabled = rt.master
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        out = Path(cfg.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.jsonl = out / "metrics.jsonl"
+        if start and self.jsonl.exists():  # records past the checkpoint describe steps that will be redone
+            keep = [r for r in self.jsonl.read_text().splitlines() if r and json.loads(r)["step"] <= start]
+            self.jsonl.write_text("".join(r + "\n" for r in keep))
+        self.tb = SummaryWriter(str(out / "tb"), purge_step=start or None)
+        self.bar = tqdm(total=total, initial=start, disable=not cfg.progress, dynamic_ncols=True, unit="step")
+
+    def record(self, step: int, split: str, values: dict) -> None:
+        if not self.enabled:
+            return
+        for k, v in values.items():
+            if v is not None:
+                self.tb.add_scalar(f"{split}/{k}", v, step)
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps({"step": step, "split": split, **values}) + "\n")
+
+    def advance(self, **shown) -> None:
+        if self.enabled:
+            self.bar.update(1)
+            self.bar.set_postfix(shown, refresh=False)
+
+    def write(self, text: str) -> None:
+        if self.enabled:
+            self.bar.write(text)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self.tb.close()
+
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A10G": 125e12,
+                   "L4": 121e12, "4090": 165e12, "3090": 71e12}
+
+
+def peak_flops(cfg: TrainConfig, device: torch.device) -> float | None:
+    if cfg.peak_flops:
+        return cfg.peak_flops
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return None
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    """Training FLOPs per token (PaLM's estimate): 2N forward, 2N backward to activations,
+    2N_trainable for weight gradients, plus attention over a context of seq_len."""
+    n = model.num_params()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    c = model.config
+    return 4 * n + 2 * trainable + 12 * c.n_layer * c.n_embd * seq_len
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model, val_set, cfg: TrainConfig, rt: Runtime) -> dict:
+    """Validation loss (without label smoothing), perplexity and next-token accuracy."""
+    was_training = model.training
+    model.eval()
+    n_batches = math.ceil(len(val_set) / cfg.batch_size)
+    if cfg.eval_iters:
+        n_batches = min(n_batches, cfg.eval_iters)
+    totals = torch.zeros(3, dtype=torch.float64)
+    for b in range(rt.rank, n_batches, rt.world):
+        idx = list(range(b * cfg.batch_size, min(len(val_set), (b + 1) * cfg.batch_size)))
+        x, y = val_set.batch(idx)
+        with rt.autocast():
+            totals += torch.tensor(model.score(x.to(rt.device), y.to(rt.device)), dtype=torch.float64)
+    if rt.ddp:
+        totals = totals.to(rt.device)
+        dist.all_reduce(totals)
+    loss_sum, correct, count = totals.tolist()
+    model.train(was_training)
+    loss = loss_sum / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700)), "accuracy": correct / max(count, 1),
+            "tokens": int(count)}
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class _StopRequest:
+    """First Ctrl-C: finish the current step, save a checkpoint and stop. Second: stop now."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (Ctrl-C again to stop at once)", flush=True)
+
+    def restore(self):
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def fit(cfg: TrainConfig, rt: Runtime, model, train_set, val_set, export: Callable[[Path], None],
+        run_info: dict, resume_from: Path | None = None) -> dict:
+    """Train `model`'s trainable parameters; returns the last evaluation's metrics.
+
+    `export(folder)` writes the weights a checkpoint keeps (the whole model, or an adapter).
+    `resume_from`: a checkpoint folder whose optimizer, schedule, data position and RNG to
+    continue from (the caller has already loaded its weights into `model`).
+    """
+    raw = model
+    params = [p for p in raw.parameters() if p.requires_grad]
+    optimizer = make_optimizer(raw, cfg, rt.device)
+    sampler = EpochSampler(len(train_set), cfg.batch_size * cfg.grad_accum * rt.world, cfg.seed)
+    total = cfg.max_iters or max(1, math.ceil(cfg.epochs * sampler.steps_per_epoch))
+    eval_every = cfg.eval_interval or sampler.steps_per_epoch
+    ckpt_every = cfg.ckpt_interval or eval_every
+    step, last_eval = 0, {}
+    if resume_from is not None:
+        state = load_train_state(resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        rt.scaler.load_state_dict(state["scaler"])
+        sampler.load_state_dict(state["sampler"])
+        step, last_eval = state["step"], state.get("last_eval", {})
+        torch.set_rng_state(state["rng"][rt.rank]["cpu"])
+        if rt.device.type == "cuda" and state["rng"][rt.rank].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"][rt.rank]["cuda"], rt.device)
+    if cfg.compile:
+        model = torch.compile(model)
+    if rt.ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+
+    log = RunLog(cfg, rt, step, total)
+    peak = peak_flops(cfg, rt.device)
+    last_ckpt = step
+    run_info = {**run_info, "train": asdict(cfg), "total_steps": total}
+
+    def checkpoint():
+        rng = {"cpu": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None}
+        rngs = [None] * rt.world
+        if rt.ddp:
+            dist.all_gather_object(rngs, rng)
+        else:
+            rngs = [rng]
+        if rt.master:
+            state = {"step": step, "optimizer": optimizer.state_dict(), "scaler": rt.scaler.state_dict(),
+                     "sampler": sampler.state_dict(), "rng": rngs, "last_eval": last_eval}
+            save_checkpoint(cfg.out_dir, export, state, {**run_info, "step": step})
+        if rt.ddp:
+            dist.barrier()
+
+    stop = _StopRequest()
+    model.train()
+    t_last, tokens_since, tok_s = time.perf_counter(), 0, 0.0
+    try:
+        while step < total:
+            lr = lr_at(step, total, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = sampler.next_batch()
+            loss_sum = torch.zeros((), device=rt.device)
+            for micro in range(cfg.grad_accum):
+                start = (micro * rt.world + rt.rank) * cfg.batch_size
+                x, y = train_set.batch(batch[start:start + cfg.batch_size])
+                x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+                tokens_since += x.numel() * rt.world
+                # DDP averages gradients across processes only on the last micro-batch
+                sync = not rt.ddp or micro == cfg.grad_accum - 1
+                with (contextlib.nullcontext() if sync else model.no_sync()), rt.autocast():
+                    _, loss = model(x, y, label_smoothing=cfg.label_smoothing)
+                rt.scaler.scale(loss / cfg.grad_accum).backward()
+                loss_sum += loss.detach()
+            if rt.ddp:
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+            train_loss = loss_sum.item() / cfg.grad_accum
+            if not math.isfinite(train_loss):
+                where = f"the last good checkpoint (step {last_ckpt}) is kept in {cfg.out_dir}" if last_ckpt \
+                    else "no checkpoint was written"
+                raise UserError(f"training loss is {train_loss} at step {step + 1}; stopped, {where}. Lower lr, "
+                                f"raise warmup_iters, or use dtype=bfloat16 instead of float16")
+            grad_norm = None
+            if cfg.grad_clip:
+                rt.scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+            rt.scaler.step(optimizer)
+            rt.scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            if step % cfg.log_interval == 0 or step == total:
+                dt = time.perf_counter() - t_last
+                tok_s = tokens_since / dt
+                mfu = tok_s * flops_per_token(raw, x.size(1)) / peak if peak else None
+                log.record(step, "train", {"loss": train_loss, "lr": lr, "grad_norm": grad_norm,
+                                           "tokens_per_s": tok_s, "mfu": mfu, "epoch": step / sampler.steps_per_epoch})
+                t_last, tokens_since = time.perf_counter(), 0
+            log.advance(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:.0f}")
+            stopping = stop.requested
+            if rt.ddp:
+                flag = torch.tensor(float(stopping), device=rt.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stopping = bool(flag.item())
+            if step % eval_every == 0 or step == total:
+                last_eval = evaluate(raw, val_set, cfg, rt)
+                log.record(step, "val", last_eval)
+                log.write(f"step {step}: val loss {last_eval['loss']:.4f}, perplexity {last_eval['perplexity']:.2f}, "
+                          f"accuracy {last_eval['accuracy']:.4f}")
+            if step % ckpt_every == 0 or step == total or stopping:
+                checkpoint()
+                last_ckpt = step
+            if stopping:
+                log.write(f"stopped at step {step} of {total}; continue with --init_from=resume")
+                break
+    finally:
+        stop.restore()
+        log.close()
+    return last_eval
