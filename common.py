@@ -59,6 +59,29 @@ def _parse_value(text: str):
         return text
 
 
+def _run_config_file(path: Path, namespace: dict | None = None) -> dict:
+    """The settings a config file makes. `include("other.py")` inside it runs another config
+    file (relative to this one) first, so that a config can build on another."""
+    if not path.is_file():
+        raise UserError(f"config file '{path}' not found; pass a file from config/ or --key=value overrides")
+    namespace = {} if namespace is None else namespace
+
+    def include(name: str):
+        _run_config_file(path.parent / name, namespace)
+        namespace["include"] = include  # the included file bound its own
+
+    namespace["include"] = include
+    try:
+        exec(compile(path.read_text(), str(path), "exec"), namespace)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"config file {path} failed: {type(e).__name__}: {e}") from None
+    # imports, functions and _private names are the file's tools, not settings
+    return {k: v for k, v in namespace.items()
+            if not k.startswith("_") and not isinstance(v, type(sys)) and not callable(v)}
+
+
 def load_config(cls, argv: list[str]):
     """Build a `cls` config from optional config files (positional) and --key=value overrides."""
     types = _field_types(cls)
@@ -76,14 +99,8 @@ def load_config(cls, argv: list[str]):
                 raise UserError(f"override '{arg}' needs a value: write --{key}=VALUE")
             assign(key, _parse_value(text), "command line")
             continue
-        path = Path(arg)
-        if not path.is_file():
-            raise UserError(f"config file '{arg}' not found; pass a file from config/ or --key=value overrides")
-        namespace: dict = {}
-        exec(compile(path.read_text(), str(path), "exec"), namespace)
-        for key, value in namespace.items():
-            if not key.startswith("_") and not isinstance(value, type(sys)):
-                assign(key, value, str(path))
+        for key, value in _run_config_file(Path(arg)).items():
+            assign(key, value, arg)
     return cls(**values)
 
 

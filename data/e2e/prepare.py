@@ -194,6 +194,23 @@ def prepare(src: Path, out_dir: Path) -> dict:
     return meta
 
 
+def fetch_release(out_dir: Path) -> Path:
+    """The release zip in out_dir, downloaded on first use."""
+    src = out_dir / ZIP_NAME
+    if not src.is_file():
+        hint = f"offline? pass --src ../shared/data/e2e/{ZIP_NAME} or another local copy of the zip or its folder"
+        download(URL, src, hint)
+    return src
+
+
+def ensure_prepared(out_dir: Path) -> Path:
+    """out_dir, prepared from the official release first if it is the default folder and empty."""
+    if not (out_dir / "test.jsonl").exists() and out_dir.resolve() == DEFAULT_OUT:
+        print(f"{out_dir} not prepared yet: preparing E2E from the official release")
+        prepare(fetch_release(out_dir), out_dir)
+    return out_dir
+
+
 def load_prepared(out_dir, split: str) -> list[dict]:
     """Records of one prepared split (see the module docstring)."""
     path = Path(out_dir) / f"{split}.jsonl"
@@ -216,13 +233,7 @@ def main(argv=None) -> None:
     parser.add_argument("--src", type=Path, help="the release zip or its unpacked folder (default: download)")
     parser.add_argument("--out_dir", type=Path, default=DEFAULT_OUT, help="output folder (default: %(default)s)")
     args = parser.parse_args(argv)
-    src = args.src
-    if src is None:
-        src = args.out_dir / ZIP_NAME
-        if not src.is_file():
-            hint = f"offline? pass --src ../shared/data/e2e/{ZIP_NAME} or another local copy of the zip or its folder"
-            download(URL, src, hint)
-    meta = prepare(src, args.out_dir)
+    meta = prepare(args.src or fetch_release(args.out_dir), args.out_dir)
     for split in SPLIT_FILES:
         c, t = meta["counts"][split], meta["tokens"][split]
         tokens = ", ".join(f"{k} {v:,}" for k, v in t.items())
