@@ -18,6 +18,7 @@ import argparse
 import json
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ class System:
     adapter: Path | None = None
     missing: str = ""  # why it cannot be evaluated, and the command that makes it
     note: str = ""
+    lora_run: str | None = None  # for a LoRA row: the fine-tuning run's out_dir
 
 
 def systems_from_config(config: str) -> list[System]:
@@ -50,21 +52,22 @@ def systems_from_config(config: str) -> list[System]:
         base = cfg.init_from or default_base()
     except UserError as e:
         base_row = System("our GPT-2 (no pretrained run yet)", None, missing=str(e))
-        return [base_row, System("  + LoRA", None, missing=f"needs the base first; then python finetune.py {config}")]
+        why = f"needs the base first; then python finetune.py {config}"
+        return [base_row, System("our GPT-2 + LoRA", None, missing=why, lora_run=cfg.out_dir)]
     label = "GPT-2 medium" if base == "gpt2-medium" else f"GPT-2 {Path(base).name}"
     if base != "gpt2-medium" and not Path(base).exists():
         why = f"no model at {base}: " + (f"python train.py {made_by(base)}" if made_by(base) else "train it first")
-        return [System(label, None, missing=why), System(f"{label} + LoRA", None, missing=why)]
+        return [System(label, None, missing=why), System(f"{label} + LoRA", None, missing=why, lora_run=cfg.out_dir)]
     rows = [System(label, base)]
     ckpt = find_checkpoint(cfg.out_dir)
     if ckpt is None:
         why = f"no adapter in {cfg.out_dir}: python finetune.py {config}"
-        rows.append(System(f"{label} + LoRA", base, missing=why))
+        rows.append(System(f"{label} + LoRA", base, missing=why, lora_run=cfg.out_dir))
     else:
         state, info = load_train_state(ckpt), json.loads((ckpt / "config.json").read_text())
         step, total = state["step"], info["total_steps"]
         note = "" if step >= total else f"adapter at step {step} of {total}"
-        rows.append(System(f"{label} + LoRA", base, ckpt / ADAPTER_FILE, note=note))
+        rows.append(System(f"{label} + LoRA", base, ckpt / ADAPTER_FILE, note=note, lora_run=cfg.out_dir))
     return rows
 
 
@@ -119,9 +122,13 @@ def evaluate_systems(args) -> None:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     systems = [s for config in args.configs for s in systems_from_config(config)]
+    lora_names = Counter(s.name for s in systems if s.lora_run)
+    for s in systems:
+        if s.lora_run and lora_names[s.name] > 1:  # two LoRA runs on one base: say which is which
+            s.name += f" ({s.lora_run})"
     seen, results = set(), []
     for system in systems:
-        if (system.name, system.base) in seen:  # two configs on the same base: one row
+        if (system.name, system.base) in seen:  # two configs on the same base: one base row
             continue
         seen.add((system.name, system.base))
         if system.missing:

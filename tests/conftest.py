@@ -1,0 +1,71 @@
+"""Fixtures shared by the test files: paths, tiny models and data, running the CLIs."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"  # read-only data beside the repo (absent in a user's fresh clone)
+
+
+def shared_path(*parts) -> Path:
+    """A file under ../shared, or a skip saying it is missing."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not found: this test needs the shared data beside the repo (../shared)")
+    return path
+
+
+def run_cli(*args, cwd=REPO, env=None, timeout=600) -> subprocess.CompletedProcess:
+    """Run `python <args>` in the repo the way a user would; captures output as text."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
+    """The process failed with exit status 2 and one 'error: ...' line naming the problem, no traceback."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32)
+
+
+@pytest.fixture
+def tiny_model():
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=64, **TINY)).eval()
+
+
+@pytest.fixture
+def token_data(tmp_path) -> Path:
+    """A data dir with train.bin / val.bin of random GPT-2 token ids (enough for a few steps),
+    drawn from a skewed distribution so that there is something to learn."""
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, n in (("train", 40_000), ("val", 4_000)):
+        np.minimum(rng.zipf(1.3, n), 50256).astype(np.uint16).tofile(data / f"{split}.bin")
+    return data
+
+
+def tiny_train_args(data: Path, out: Path, **overrides) -> list[str]:
+    """train.py arguments for a seconds-long run of a tiny model on `data`."""
+    settings = {"data_dir": data, "out_dir": out, "device": "cpu", "batch_size": 4, "max_iters": 6,
+                "eval_interval": 3, "eval_iters": 2, "log_interval": 1, "warmup_iters": 2, "lr": 1e-3,
+                "progress": False, **TINY, **overrides}
+    return [f"--{k}={v}" for k, v in settings.items()]

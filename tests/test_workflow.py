@@ -1,0 +1,187 @@
+"""The study's command lines end to end on tiny models: sample.py, finetune.py, e2e_eval.py."""
+
+import json
+import sys
+
+import pytest
+from conftest import REPO, assert_one_line_error, run_cli, tiny_train_args
+
+from data.e2e.prepare import tokenize_example
+from finetune import E2EPairs
+from model import IGNORE_INDEX
+from tokenizer import EOT, encode
+
+PAIRS = [
+    ("name[The Eagle], eatType[coffee shop], food[French]", "The Eagle is a French coffee shop."),
+    ("name[Blue Spice], area[riverside]", "Blue Spice is in the riverside area."),
+    ("name[Clowns], eatType[pub], near[Crowne Plaza Hotel]", "Clowns is a pub near Crowne Plaza Hotel."),
+    ("name[Zizzi], customer rating[5 out of 5]", "Zizzi has a customer rating of 5 out of 5."),
+]
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """A tiny pretrained model (a few steps on random tokens) in a run folder."""
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("base")
+    (root / "data").mkdir()
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        rng.integers(0, 50257, 20_000, dtype=np.uint16).tofile(root / "data" / f"{split}.bin")
+    r = run_cli("train.py", *tiny_train_args(root / "data", root / "run", max_iters=2, block_size=64))
+    assert r.returncode == 0, r.stderr
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def e2e_data(tmp_path_factory):
+    """A prepared E2E folder with a handful of pairs, in data/e2e/prepare.py's format."""
+    root = tmp_path_factory.mktemp("e2e")
+    lines = []
+    for mr, ref in PAIRS * 10:
+        prompt, target = tokenize_example(mr, ref)
+        lines.append(json.dumps({"mr": mr, "ref": ref, "prompt": prompt, "target": target}))
+    for split in ("train", "dev"):
+        (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    test = [json.dumps({"mr": mr, "refs": [ref], "prompt": tokenize_example(mr, ref)[0]}) for mr, ref in PAIRS]
+    (root / "test.jsonl").write_text("\n".join(test) + "\n")
+    return root
+
+
+def finetune_args(base, data, out, **overrides):
+    settings = {"init_from": base, "data_dir": data, "out_dir": out, "device": "cpu", "batch_size": 4,
+                "max_iters": 4, "eval_interval": 2, "eval_iters": 1, "log_interval": 1, "warmup_iters": 1,
+                "max_seq_len": 64, "progress": False, **overrides}
+    return ["config/lora_e2e.py", *(f"--{k}={v}" for k, v in settings.items())]
+
+
+# ----------------------------------------------------------------------------- sample.py
+
+
+def test_sample_prints_and_appends(base_run, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The history of\n\nOnce upon a time\n")
+    for _ in range(2):
+        r = run_cli("sample.py", "--prompts", prompts, "--ckpt", base_run, "--max_new_tokens", 5, "--greedy")
+        assert r.returncode == 0, r.stderr
+    assert "The history of" in r.stdout and "Once upon a time" in r.stdout
+    saved = (base_run / "samples.txt").read_text()
+    assert saved.count("Once upon a time") == 2  # appended, the first run's samples kept
+
+
+def test_sample_errors(base_run, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    assert_one_line_error(run_cli("sample.py", "--prompts", empty, "--ckpt", base_run), "is empty")
+    assert_one_line_error(run_cli("sample.py", "--prompts", tmp_path / "none.txt", "--ckpt", base_run), "not found")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello\n")
+    assert_one_line_error(run_cli("sample.py", "--prompts", prompts, "--ckpt", base_run, "--max_new_tokens", 64),
+                          "leaves no room")
+    assert_one_line_error(run_cli("sample.py", "--prompts", prompts, "--ckpt", tmp_path), "holds no model")
+
+
+def test_long_prompt_is_cut_from_the_left(base_run, tmp_path):
+    prompts = tmp_path / "long.txt"
+    prompts.write_text(" ".join(["word"] * 200) + " END\n")
+    r = run_cli("sample.py", "--prompts", prompts, "--ckpt", base_run, "--max_new_tokens", 4, "--greedy")
+    assert r.returncode == 0, r.stderr
+    assert "cut from the left" in r.stderr and "only its last 60" in r.stderr
+
+
+# ----------------------------------------------------------------------------- finetune.py
+
+
+def test_examples_score_the_reference_only():
+    prompt, target = tokenize_example(*PAIRS[0])
+    x, y = E2EPairs([{"prompt": prompt, "target": target}], max_seq_len=512).batch([0])
+    assert x[0].tolist() == (prompt + target)[:-1]
+    assert (y[0, :len(prompt) - 1] == IGNORE_INDEX).all()
+    assert y[0, len(prompt) - 1:].tolist() == target and target[-1] == EOT
+    assert target[:-1] == encode(" " + PAIRS[0][1])
+
+
+def test_finetune_trains_adapter_only_and_resumes(base_run, e2e_data, tmp_path, monkeypatch):
+    import finetune
+    from trainer import EpochSampler
+
+    def run(args):
+        monkeypatch.setattr(sys, "argv", ["finetune.py", *map(str, args)])
+        finetune.main()
+
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    run(finetune_args(base_run, e2e_data, whole, max_iters=6, ckpt_interval=2))
+    files = sorted(p.name for p in (whole / "checkpoint").iterdir())
+    assert files == ["adapter.safetensors", "config.json", "train_state.pt"]  # the adapter, not the model
+    assert (whole / "checkpoint" / "adapter.safetensors").stat().st_size < 100_000
+
+    original = EpochSampler.next_batch
+
+    def crash_at_step_5(self):
+        if self.offset + self.epoch * self.n >= 4 * self.global_batch:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(EpochSampler, "next_batch", crash_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        run(finetune_args(base_run, e2e_data, broken, max_iters=6, ckpt_interval=2))
+    monkeypatch.setattr(EpochSampler, "next_batch", original)
+    run(finetune_args("resume", e2e_data, broken, max_iters=6, ckpt_interval=2))
+    losses = [[(x["step"], x["loss"]) for x in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+               if x["split"] == "train"] for d in (whole, broken)]
+    assert losses[0] == losses[1] and len(losses[0]) == 6
+
+
+def test_finetune_errors(base_run, e2e_data, tmp_path):
+    assert_one_line_error(run_cli("finetune.py", *finetune_args(base_run, tmp_path, tmp_path / "o")),
+                          "no prepared E2E data", "prepare.py")
+    assert_one_line_error(run_cli("finetune.py", *finetune_args(base_run, e2e_data, tmp_path / "o",
+                                                                lora_targets="('q', 'x')")), "unknown LoRA target")
+    assert_one_line_error(run_cli("finetune.py", *finetune_args(base_run, e2e_data, tmp_path / "o",
+                                                                max_seq_len=512)), "exceeds the base model's context")
+
+
+# ----------------------------------------------------------------------------- e2e_eval.py
+
+
+def test_e2e_eval_table(base_run, e2e_data, tmp_path):
+    adapter_run = tmp_path / "lora"
+    r = run_cli("finetune.py", *finetune_args(base_run, e2e_data, adapter_run, max_iters=2))
+    assert r.returncode == 0, r.stderr
+    config = tmp_path / "cfg.py"
+    config.write_text(f'include("{REPO / "config/lora_e2e.py"}")\n'
+                      f'init_from = "{base_run}"\nout_dir = "{adapter_run}"\n')
+    missing = tmp_path / "missing.py"
+    missing.write_text(f'include("{REPO / "config/lora_e2e.py"}")\n'
+                       f'init_from = "{base_run}"\nout_dir = "{tmp_path / "nothing"}"\n')
+    out = tmp_path / "eval"
+    r = run_cli("e2e_eval.py", "--configs", config, missing, "--data_dir", e2e_data, "--out_dir", out,
+                "--beam_size", 2, "--max_new_tokens", 6, env={"E2E_METRICS_NO_JAVA": "1"})
+    assert r.returncode == 0, r.stderr
+    scores = json.loads((out / "scores.json").read_text())
+    names = list(scores)
+    # one base row for both configs, the LoRA run that exists, and the one that does not
+    lora, nothing = (f"GPT-2 {base_run.name} + LoRA ({d})" for d in (adapter_run, tmp_path / "nothing"))
+    assert names == [f"GPT-2 {base_run.name}", lora, nothing]
+    assert all(0 <= scores[n]["BLEU"] <= 1 for n in names[:2])
+    assert "python finetune.py" in scores[nothing]["missing"]
+    table = (out / "scores.md").read_text()
+    assert "0." in table and "*" in table and "unofficial" in table  # no Java: marked
+    outputs = (out / f"gpt_2_{base_run.name}.txt").read_text().splitlines()
+    assert len(outputs) == len(PAIRS) and all(outputs)
+    assert "python finetune.py" in r.stdout  # the missing adapter is listed with its command there too
+
+
+def test_e2e_eval_scores_a_file(tmp_path):
+    refs = tmp_path / "refs.csv"
+    refs.write_text("mr,ref\n" + "".join(f'"{mr}","{ref}"\n' for mr, ref in PAIRS))
+    outputs = tmp_path / "out.txt"
+    outputs.write_text("".join(ref + "\n" for _, ref in PAIRS))
+    r = run_cli("e2e_eval.py", "--outputs", outputs, "--refs", refs, "--json", env={"E2E_METRICS_NO_JAVA": "1"})
+    assert r.returncode == 0, r.stderr
+    scores = json.loads(r.stdout.strip().splitlines()[-1])
+    assert scores["BLEU"] == pytest.approx(1.0) and scores["official"] is False
+    outputs.write_text("one line only\n")
+    assert_one_line_error(run_cli("e2e_eval.py", "--outputs", outputs, "--refs", refs,
+                                  env={"E2E_METRICS_NO_JAVA": "1"}), "1", "4")
