@@ -5,9 +5,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter, which must be chosen before
+# anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import numpy as np
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"  # read-only data beside the repo (absent in a user's fresh clone)

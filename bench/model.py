@@ -1,0 +1,127 @@
+"""Our GPT-2 against transformers' GPT2LMHeadModel: a training step and KV-cache generation.
+
+    python bench/model.py                 # CPU defaults: the study's 6-layer model, fp32
+    python bench/model.py --device cuda --dtype bfloat16 --batch 16 --seq 1024
+
+Both models get the same config, the same weights (a random transformers model, loaded into
+ours through GPT.from_pretrained), the same batch and dtype, measured in the same run.
+A training step is forward + backward + AdamW; generation is greedy decoding of
+--new_tokens tokens per row with a KV cache (`GPT.generate` against `generate(do_sample=False)`,
+both forced to the full length). Prints a Markdown table with tokens/s and the ratios.
+"""
+
+import argparse
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from model import GPT
+
+
+def timed(fn, repeats: int, device: str) -> float:
+    """Median seconds of fn() over `repeats` calls, after two warm-up calls."""
+    times = []
+    for i in range(repeats + 2):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def machine(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n_layer", type=int, default=6)
+    p.add_argument("--n_head", type=int, default=12)
+    p.add_argument("--n_embd", type=int, default=768)
+    p.add_argument("--batch", type=int, default=4, help="training batch")
+    p.add_argument("--seq", type=int, default=256, help="training sequence length")
+    p.add_argument("--gen_batch", type=int, default=1)
+    p.add_argument("--prompt", type=int, default=32, help="prompt tokens for generation")
+    p.add_argument("--new_tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    args = p.parse_args()
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    dev = args.device
+    hf_cfg = GPT2Config(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, n_positions=1024,
+                        vocab_size=50257)
+    hf = GPT2LMHeadModel(hf_cfg)
+    with tempfile.TemporaryDirectory() as folder:
+        hf.save_pretrained(folder)
+        ours = GPT.from_pretrained(folder)
+    dtype = getattr(torch, args.dtype)
+    hf, ours = hf.to(dev), ours.to(dev)
+    autocast = torch.autocast(dev, dtype=dtype, enabled=dtype != torch.float32)
+
+    x = torch.randint(0, 50257, (args.batch, args.seq + 1), device=dev)
+    inputs, targets = x[:, :-1], x[:, 1:]
+
+    def train_step(model, loss_fn):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step():
+            with autocast:
+                loss = loss_fn(model)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    rows = []
+    hf.train(), ours.train()
+    t_hf = timed(train_step(hf, lambda m: m(input_ids=inputs, labels=inputs).loss), args.repeats, dev)
+    t_ours = timed(train_step(ours, lambda m: m(inputs, targets)[1]), args.repeats, dev)
+    tokens = args.batch * args.seq
+    rows.append((f"training step (batch {args.batch} x {args.seq})", tokens / t_ours, tokens / t_hf))
+
+    hf.eval(), ours.eval()
+    prompt = torch.randint(0, 50257, (args.gen_batch, args.prompt), device=dev)
+    n = args.new_tokens
+
+    def hf_generate():
+        with torch.no_grad(), autocast:
+            hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                        do_sample=False, pad_token_id=50256)
+
+    def our_generate():
+        with autocast:
+            ours.generate(prompt, n, greedy=True)
+
+    t_hf, t_ours = timed(hf_generate, args.repeats, dev), timed(our_generate, args.repeats, dev)
+    tokens = args.gen_batch * n
+    rows.append((f"greedy generation (batch {args.gen_batch}, {args.prompt} + {n} tokens)", tokens / t_ours,
+                 tokens / t_hf))
+
+    print(f"\nGPT-2 {args.n_layer} layers / {args.n_head} heads / {args.n_embd} dims, {args.dtype}, "
+          f"on {machine(dev)}; torch {torch.__version__}\n")
+    print("| measurement | ours (tokens/s) | transformers (tokens/s) | ours / transformers |")
+    print("|---|---:|---:|---:|")
+    for name, a, b in rows:
+        print(f"| {name} | {a:,.0f} | {b:,.0f} | {a / b:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,382 @@
+"""Causal self-attention as a FlashAttention-2 style Triton kernel pair.
+
+`causal_attention(q, k, v, scale=None)` takes (B, H, T, D) tensors and returns softmax(q kᵀ · scale + causal) v.
+
+Forward: one program per (query block, batch·head) walks the key blocks left of the diagonal without a mask,
+then the diagonal block with the causal mask, keeping a running max / sum (online softmax) in float32, so no
+T×T matrix ever exists. Key blocks right of the diagonal are never visited. It stores the output and the row
+log-sum-exp (base 2, of the scaled scores). Backward recomputes the probabilities from that log-sum-exp: a small
+kernel computes delta = rowsum(dO·O), one kernel per key block accumulates dK and dV over the query blocks at or
+below it, and one kernel per query block accumulates dQ over the key blocks at or left of it (no atomics).
+
+Any T (masked tails), any head dim up to 256 (padded to a power of two ≥ 16 in registers; 32/64/128 are the
+tuned ones), float32/float16/bfloat16 inputs with float32 accumulation. Inputs may be strided views (e.g. the
+`.view(B, T, H, D).transpose(1, 2)` of a fused qkv projection): strides go to the kernels, only a tensor whose
+last dim is not contiguous is copied. Outputs and gradients are laid out as (B, T, H, D) in memory, so that
+`y.transpose(1, 2).contiguous()` in the model is free.
+
+No attention dropout: the model warns once and uses torch's scaled_dot_product_attention instead when attention
+dropout > 0 in training.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+from . import _autocast, _check_dtype, _dot_precision, _fresh, _Launcher
+
+_LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------- device helpers
+
+
+@triton.jit
+def _tile_mask(rows, offs_d, T, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    mask = rows[:, None] < T
+    if HEAD_DIM != BLOCK_D:  # compile-time: the padded head-dim columns only exist for odd head dims
+        mask = mask & (offs_d[None, :] < HEAD_DIM)
+    return mask
+
+
+@triton.jit
+def _load_tile(base, rows, stride_t, offs_d, T, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows `rows` of a (T, HEAD_DIM) slice with unit stride along the head dim; zeros outside."""
+    mask = _tile_mask(rows, offs_d, T, HEAD_DIM, BLOCK_D)
+    return tl.load(base + rows[:, None] * stride_t + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_tile(base, rows, stride_t, offs_d, T, value, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    mask = _tile_mask(rows, offs_d, T, HEAD_DIM, BLOCK_D)
+    tl.store(base + rows[:, None] * stride_t + offs_d[None, :], value.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _head_offset(stride_b, stride_h, H):
+    """Offset of this program's (batch, head) slice; int64 since fused-qkv strides can be large."""
+    bh = tl.program_id(1)
+    return (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _fwd_inner(acc, m_i, l_i, q, K, V, sk_t, sv_t, rows, offs_d, lo, hi, T, qk_scale,
+               MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+               PRECISION: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k = _load_tile(K, cols, sk_t, offs_d, T, HEAD_DIM, BLOCK_D)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if MASKED:
+            s = tl.where(rows[:, None] >= cols[None, :], s, float("-inf"))
+        # Every row sees key `lo` of its first block (causality), so m_new is finite and alpha never NaN.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_tile(V, cols, sv_t, offs_d, T, HEAD_DIM, BLOCK_D)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, LSE,
+                     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b, so_h, so_t,
+                     H, T, T_BUCKET, qk_scale,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    tl.static_assert(BLOCK_M % BLOCK_N == 0)
+    # Causal work grows with the query block: launch the longest programs first to shorten the tail.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    Q += _head_offset(sq_b, sq_h, H)
+    K += _head_offset(sk_b, sk_h, H)
+    V += _head_offset(sv_b, sv_h, H)
+    O += _head_offset(so_b, so_h, H)
+    LSE += tl.program_id(1).to(tl.int64) * T
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q, rows, sq_t, offs_d, T, HEAD_DIM, BLOCK_D)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    diag = pid_m * BLOCK_M
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, sk_t, sv_t, rows, offs_d, 0, diag, T, qk_scale,
+                               False, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, sk_t, sv_t, rows, offs_d, diag,
+                               tl.minimum(diag + BLOCK_M, T), T, qk_scale, True, HEAD_DIM, BLOCK_D, BLOCK_N,
+                               PRECISION)
+
+    _store_tile(O, rows, so_t, offs_d, T, acc / l_i[:, None], HEAD_DIM, BLOCK_D)
+    tl.store(LSE + rows, m_i + tl.math.log2(l_i), mask=rows < T)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(O, DO, DELTA, so_b, so_h, so_t, sdo_b, sdo_h, sdo_t, H, T,
+                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_tile(O + _head_offset(so_b, so_h, H), rows, so_t, offs_d, T, HEAD_DIM, BLOCK_D)
+    do = _load_tile(DO + _head_offset(sdo_b, sdo_h, H), rows, sdo_t, offs_d, T, HEAD_DIM, BLOCK_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + tl.program_id(1).to(tl.int64) * T + rows, delta, mask=rows < T)
+
+
+@triton.jit
+def _load_row_stats(LSE, DELTA, rows, T):
+    # lse = +inf outside T makes those rows' probabilities exactly 0, whatever was loaded for them.
+    lse = tl.load(LSE + rows, mask=rows < T, other=float("inf"))
+    delta = tl.load(DELTA + rows, mask=rows < T, other=0.0)
+    return lse, delta
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, sq_t, sdo_t, cols, offs_d, lo, hi, T, qk_scale,
+                    MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    offs_m = tl.arange(0, BLOCK_M)
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        q = _load_tile(Q, rows, sq_t, offs_d, T, HEAD_DIM, BLOCK_D)
+        do = _load_tile(DO, rows, sdo_t, offs_d, T, HEAD_DIM, BLOCK_D)
+        lse, delta = _load_row_stats(LSE, DELTA, rows, T)
+        # Transposed (keys × queries) so that dK and dV accumulate without transposing the accumulators.
+        p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse[None, :])
+        if MASKED:
+            p_t = tl.where(rows[None, :] >= cols[:, None], p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
+                          sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sdo_b, sdo_h, sdo_t,
+                          sdk_b, sdk_h, sdk_t, sdv_b, sdv_h, sdv_t,
+                          H, T, T_BUCKET, sm_scale, qk_scale,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    tl.static_assert(BLOCK_N % BLOCK_M == 0)
+    # Key block 0 has the most work (every query sees it) and program 0 launches first: no reordering needed.
+    pid_n = tl.program_id(0)
+    Q += _head_offset(sq_b, sq_h, H)
+    K += _head_offset(sk_b, sk_h, H)
+    V += _head_offset(sv_b, sv_h, H)
+    DO += _head_offset(sdo_b, sdo_h, H)
+    DK += _head_offset(sdk_b, sdk_h, H)
+    DV += _head_offset(sdv_b, sdv_h, H)
+    LSE += tl.program_id(1).to(tl.int64) * T
+    DELTA += tl.program_id(1).to(tl.int64) * T
+
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_tile(K, cols, sk_t, offs_d, T, HEAD_DIM, BLOCK_D)
+    v = _load_tile(V, cols, sv_t, offs_d, T, HEAD_DIM, BLOCK_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+    diag = pid_n * BLOCK_N
+    end_diag = tl.minimum(diag + BLOCK_N, T)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, sq_t, sdo_t, cols, offs_d, diag, end_diag, T,
+                             qk_scale, True, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, sq_t, sdo_t, cols, offs_d, end_diag, T, T,
+                             qk_scale, False, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
+
+    _store_tile(DK, cols, sdk_t, offs_d, T, dk * sm_scale, HEAD_DIM, BLOCK_D)
+    _store_tile(DV, cols, sdv_t, offs_d, T, dv, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse, delta, K, V, sk_t, sv_t, rows, offs_d, lo, hi, T, qk_scale,
+                  MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k = _load_tile(K, cols, sk_t, offs_d, T, HEAD_DIM, BLOCK_D)
+        v = _load_tile(V, cols, sv_t, offs_d, T, HEAD_DIM, BLOCK_D)
+        p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None])
+        if MASKED:
+            p = tl.where(rows[:, None] >= cols[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
+                        sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sdo_b, sdo_h, sdo_t,
+                        sdq_b, sdq_h, sdq_t,
+                        H, T, T_BUCKET, sm_scale, qk_scale,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    tl.static_assert(BLOCK_M % BLOCK_N == 0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest programs first, as in the forward
+    Q += _head_offset(sq_b, sq_h, H)
+    K += _head_offset(sk_b, sk_h, H)
+    V += _head_offset(sv_b, sv_h, H)
+    DO += _head_offset(sdo_b, sdo_h, H)
+    DQ += _head_offset(sdq_b, sdq_h, H)
+    LSE += tl.program_id(1).to(tl.int64) * T
+    DELTA += tl.program_id(1).to(tl.int64) * T
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q, rows, sq_t, offs_d, T, HEAD_DIM, BLOCK_D)
+    do = _load_tile(DO, rows, sdo_t, offs_d, T, HEAD_DIM, BLOCK_D)
+    lse, delta = _load_row_stats(LSE, DELTA, rows, T)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    diag = pid_m * BLOCK_M
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, sk_t, sv_t, rows, offs_d, 0, diag, T, qk_scale,
+                       False, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, sk_t, sv_t, rows, offs_d, diag, tl.minimum(diag + BLOCK_M, T),
+                       T, qk_scale, True, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+
+    _store_tile(DQ, rows, sdq_t, offs_d, T, dq * sm_scale, HEAD_DIM, BLOCK_D)
+
+
+# ----------------------------------------------------------------------------- launch configs
+
+
+def _configs(blocks):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) tuples -> triton configs."""
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in blocks]
+
+
+def _register_prune(footprint, budget=224):
+    """Autotune pruning: drop configs whose main live tiles, `footprint(BLOCK_M, BLOCK_N, HEAD_DIM)` 32-bit words
+    for 16-bit inputs, exceed `budget` registers per thread; those spill (checked on sm_90 with cuobjdump) and
+    only cost tuning time. float32 inputs (FMA dots) count double."""
+
+    def prune(configs, named_args, **kwargs):
+        wide = 2 if named_args["Q"].element_size() == 4 else 1
+
+        def words(c):
+            return wide * footprint(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], kwargs["BLOCK_D"]) / (32 * c.num_warps)
+
+        return [c for c in configs if words(c) <= budget] or [min(configs, key=words)]
+
+    return {"early_config_prune": prune}
+
+
+# Candidates for H100-class GPUs (FlashAttention-2 tiles), pruned per head dim. The autotuner keys on the head dim
+# and T's power-of-two bucket, so generation with a growing T does not retune at every step. Small tiles under
+# the interpreter let the tests cover several blocks, the diagonal and the tails with a tiny T.
+_KEY = ["HEAD_DIM", "T_BUCKET"]
+_FWD = _Launcher(
+    _attn_fwd_kernel,
+    _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4), (64, 32, 4, 3)]),
+    _KEY, _configs([(32, 16, 4, 1)])[0],
+    prune_configs_by=_register_prune(lambda m, n, d: 1.5 * m * d + m * n))  # acc, q, scores
+_BWD_DKDV = _Launcher(
+    _attn_bwd_dkdv_kernel,
+    _configs([(32, 128, 4, 3), (64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3), (32, 64, 4, 4),
+              (16, 64, 4, 4)]),
+    _KEY, _configs([(16, 32, 4, 1)])[0],
+    prune_configs_by=_register_prune(lambda m, n, d: 3 * n * d + 2 * n * m))  # dk, dv, k, v, p, dp
+_BWD_DQ = _Launcher(
+    _attn_bwd_dq_kernel,
+    _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3), (64, 16, 4, 4)]),
+    _KEY, _configs([(32, 16, 4, 1)])[0],
+    prune_configs_by=_register_prune(lambda m, n, d: 2 * m * d + 2 * m * n))  # dq, q, do, p, dp
+_DELTA_BLOCK_M = 64
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+def _bthd_empty(B, H, T, D, like):
+    """A (B, H, T, D) view of a (B, T, H, D) buffer: what the model transposes back to (B, T, C) for free."""
+    return _fresh(torch.empty(B, T, H, D, dtype=like.dtype, device=like.device).transpose(1, 2))
+
+
+def _strides(t):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _unit_last(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _attn_forward(q, k, v, scale):
+    B, H, T, D = q.shape
+    o = _bthd_empty(B, H, T, D, q)
+    lse = _fresh(torch.empty(B * H, T, dtype=torch.float32, device=q.device))
+    _FWD[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](
+        q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        H, T, triton.next_power_of_2(T), scale * _LOG2E,
+        HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), PRECISION=_dot_precision(q.dtype))
+    return o, lse
+
+
+def _attn_backward(q, k, v, o, lse, do, scale):
+    B, H, T, D = q.shape
+    do = _unit_last(do)
+    dims = dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)))
+    delta = _fresh(torch.empty(B * H, T, dtype=torch.float32, device=q.device))
+    _attn_bwd_delta_kernel[(triton.cdiv(T, _DELTA_BLOCK_M), B * H)](
+        o, do, delta, *_strides(o), *_strides(do), H, T, BLOCK_M=_DELTA_BLOCK_M, **dims)
+
+    dq, dk, dv = (_bthd_empty(B, H, T, D, q) for _ in range(3))
+    common = (H, T, triton.next_power_of_2(T), scale, scale * _LOG2E)
+    dims["PRECISION"] = _dot_precision(q.dtype)
+    _BWD_DKDV[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)](
+        q, k, v, do, dk, dv, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+        *_strides(dk), *_strides(dv), *common, **dims)
+    _BWD_DQ[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](
+        q, k, v, do, dq, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+        *common, **dims)
+    return dq, dk, dv
+
+
+class _CausalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        o, lse = _attn_forward(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do):
+        dq, dk, dv = _attn_backward(*ctx.saved_tensors, do, ctx.scale)
+        return dq, dk, dv, None
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Causal softmax(q kᵀ · scale) v for (B, H, T, D) tensors; scale defaults to 1/sqrt(D). Differentiable."""
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must share one (B, H, T, D) shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if q.shape[-1] > 256:
+        raise ValueError(f"head dim {q.shape[-1]} > 256 is not supported by the Triton attention kernel")
+    q, k, v = _autocast(q, k, v)
+    _check_dtype(q, k, v)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _CausalAttention.apply(_unit_last(q), _unit_last(k), _unit_last(v), scale)
+
+
+def causal_attention_reference(q, k, v, scale=None):
+    """Plain PyTorch causal attention with a materialized softmax (for tests and benchmarks)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    T = q.shape[-2]
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    scores = (q @ k.transpose(-2, -1) * scale).masked_fill(future, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
