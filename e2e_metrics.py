@@ -33,7 +33,7 @@ NO_JAVA_ENV = "E2E_METRICS_NO_JAVA"  # set to 1 to test the fallback on a machin
 JAVA_HINT = "install a Java runtime, e.g. `apt-get install default-jre-headless` or `conda install openjdk`"
 FOOTNOTE = (
     "* unofficial: computed without Java (a Python tokeniser instead of the PTB tokeniser; METEOR from nltk "
-    "without paraphrases or synonyms); not comparable with published E2E scores"
+    "without paraphrases or synonyms; ROUGE_L from rouge-score); not comparable with published E2E scores"
 )
 
 
@@ -231,12 +231,15 @@ class _NoSynonyms:
 def _fallback_scores(outputs, refs) -> dict:
     """Unofficial METEOR, ROUGE_L, CIDEr without Java.
 
-    ROUGE_L and CIDEr are the very pycocoevalcap scorers of the official path (plain Python), so only the
-    tokenisation differs. METEOR is nltk's with METEOR 1.5's English parameters but only exact and Porter-stem
-    matches, best reference per segment, averaged over segments; METEOR 1.5 also matches paraphrases,
-    weights function words less and aggregates its statistics over the corpus.
+    CIDEr is the very pycocoevalcap scorer of the official path (plain Python), so only the tokenisation
+    differs. ROUGE_L takes rouge-score's LCS precision and recall against each reference and combines them as
+    COCO does (the best precision and the best recall over the references, F with beta 1.2). METEOR is nltk's
+    with METEOR 1.5's English parameters but only exact and Porter-stem matches, best reference per segment,
+    averaged over segments; METEOR 1.5 also matches paraphrases, weights function words less and aggregates
+    its statistics over the corpus.
     """
     from nltk.translate.meteor_score import meteor_score  # slow to import; only the fallback needs it
+    from rouge_score import rouge_scorer
 
     hyp_tokens = [fallback_tokenize(o) for o in outputs]
     ref_tokens = [[fallback_tokenize(r) for r in group] for group in refs]
@@ -244,9 +247,15 @@ def _fallback_scores(outputs, refs) -> dict:
     res = {i: [" ".join(h)] for i, h in enumerate(hyp_tokens)}
     no_synonyms = _NoSynonyms()
     meteor = [meteor_score(group, hyp, wordnet=no_synonyms, **_METEOR_EN) for hyp, group in zip(hyp_tokens, ref_tokens)]
+    lcs = rouge_scorer.RougeScorer(["rougeL"])
+    rouge = []
+    for hyp, group in zip(outputs, refs):
+        pr = [lcs.score(ref, hyp)["rougeL"] for ref in group]
+        p, r = max(s.precision for s in pr), max(s.recall for s in pr)
+        rouge.append((1 + 1.2**2) * p * r / (r + 1.2**2 * p) if p and r else 0.0)
     return {
         "METEOR": sum(meteor) / len(meteor),
-        "ROUGE_L": float(Rouge().compute_score(gts, res)[0]),
+        "ROUGE_L": sum(rouge) / len(rouge),
         "CIDEr": float(Cider().compute_score(gts, res)[0]),
     }
 

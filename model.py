@@ -163,8 +163,18 @@ class KVCache:
         return allowed.unsqueeze(-3) if allowed.dim() == 3 else allowed
 
     def reorder(self, index):
-        """Keep rows `index` (beam search: continue the surviving hypotheses)."""
-        self.k, self.v = self.k[:, index], self.v[:, index]
+        """Keep rows `index`, in that order (beam search: continue the surviving hypotheses).
+
+        When the number of rows stays, only the rows that change are copied, and only their
+        filled positions: copying the whole preallocated cache would cost more than a step.
+        """
+        if index.numel() == self.k.size(1):
+            moved = (index != torch.arange(index.numel(), device=index.device)).nonzero().squeeze(1)
+            src, n = index[moved], self.len
+            for cache in (self.k, self.v):
+                cache[:, moved, :, :n] = cache[:, src, :, :n]  # the right side is gathered first: overlap is safe
+        else:
+            self.k, self.v = self.k[:, index], self.v[:, index]
         if self.pad is not None:
             self.pad = self.pad[index]
 

@@ -11,17 +11,17 @@ n_embd = 128
 block_size = 256
 dropout = 0.0
 
-max_iters = 1200
+max_iters = 300  # 1.2M tokens, about a quarter of an epoch
 batch_size = 16
 grad_accum = 1
 lr = 2e-3
 min_lr = 2e-4
-warmup_iters = 100
+warmup_iters = 30
 decay = "cosine"
 weight_decay = 0.1
 grad_clip = 1.0
 
-eval_interval = 200
+eval_interval = 100
 eval_iters = 20
 log_interval = 10
 device = "cpu"

@@ -1,0 +1,184 @@
+"""Beam-search speed: our decoding.beam_search against transformers' GPT2LMHeadModel.generate.
+
+    python bench/beam.py [--n 20] [--batch 10] [--ckpt MODEL.safetensors] [--csv testset_w_refs.csv]
+
+Both decode the first --n MRs of the E2E test set (prompt: linearised MR + " ||"), in the same
+batches of --batch MRs padded on the left, with beam 10, length penalty 0.8, no repeated
+4-gram, at most 64 new tokens, stop at EOT, on the same weights, fp32, in one run: a random
+GPT-2 (GPTConfig's size by default) made by transformers and loaded into ours with
+GPT.from_pretrained, or with --ckpt a model of ours exported into transformers. With random
+weights the model almost never picks EOT, so every hypothesis runs to 64 tokens: the bench then
+measures the steady per-token cost, not early stopping (where ours also drops finished prompts
+from the batch). The two decoders take turns batch by batch, so that load from other processes
+on a shared machine falls on both alike; the table gives wall and CPU seconds.
+
+Why the outputs can differ although the search is the same (scores are sum_logprob /
+n_generated**length_penalty with EOT counted, only the top `beam` of the 2·beam candidates
+may finish, the same early_stopping=False heuristic):
+- no-repeat n-grams: transformers also bans n-grams of the prompt; ours only those of the
+  continuation, so that an output can copy a name such as "Crowne Plaza Hotel" from the MR;
+- numerics: the two models compute attention and the MLP in a different order (ours: fused
+  SDPA with a padding mask), so log-probs differ in the last bits, and near-ties break
+  differently. Random weights give an almost uniform next-token distribution over 50,257
+  tokens, where near-ties are everywhere; a trained model has far fewer;
+- older transformers releases divided by the whole sequence length, prompt included; 5.x
+  divides by the generated length, as ours does.
+"""
+
+import argparse
+import csv
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo root
+
+import torch
+
+from common import UserError, run_main
+from decoding import beam_search, left_pad
+from model import GPT, GPTConfig
+from tokenizer import EOT, encode_batch
+
+DEFAULT_CSV = Path(__file__).resolve().parents[2] / "shared/data/e2e/testset_w_refs.csv"
+SEARCH = dict(beam_size=10, length_penalty=0.8, no_repeat_ngram_size=4, max_new_tokens=64)
+
+
+def read_prompts(path: Path, n: int) -> tuple[list[str], str]:
+    """The first n distinct MRs of an E2E CSV as prompts, and which reader read them."""
+    if not path.is_file():
+        raise UserError(f"E2E test set '{path}' not found; pass --csv PATH/testset_w_refs.csv")
+    try:
+        from data.e2e.prepare import format_prompt, group_by_mr, parse_pairs_csv
+    except ImportError:  # the data preparation is not there yet: the same steps, minimally
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            mrs = [row["mr"] for row in csv.DictReader(f)]
+        mrs = [mr for i, mr in enumerate(mrs) if i == 0 or mr != mrs[i - 1]]
+        return [mr + " ||" for mr in mrs[:n]], "a minimal CSV reader (data/e2e/prepare.py not found)"
+    groups = group_by_mr(parse_pairs_csv(path.read_bytes(), str(path)))
+    return [format_prompt(mr) for mr, _ in groups[:n]], "data/e2e/prepare.py"
+
+
+def hf_config(cfg: GPTConfig):
+    from transformers import GPT2Config
+
+    return GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+                      n_head=cfg.n_head, activation_function="gelu_new", layer_norm_epsilon=1e-5,
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+def random_models(cfg: GPTConfig, seed: int):
+    """A random transformers GPT-2 of cfg's size, and the same weights loaded into ours."""
+    from transformers import GPT2LMHeadModel
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    torch.manual_seed(seed)
+    hf = GPT2LMHeadModel(hf_config(cfg))
+    with tempfile.TemporaryDirectory() as folder:
+        hf.save_pretrained(folder)
+        ours = GPT.from_pretrained(folder)
+    return ours, hf
+
+
+def to_transformers(model: GPT):
+    """Our weights in a transformers GPT2LMHeadModel: Conv1D weights are stored (in, out) there; the head is tied."""
+    from transformers import GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel(hf_config(model.config))
+    state = {k: v.t() if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else v
+             for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    # without biases in ours, transformers' (always present) stay at their initial zeros
+    missing = [k for k in missing if k != "lm_head.weight" and not (k.endswith(".bias") and not model.config.bias)]
+    if missing or unexpected:
+        raise UserError(f"cannot export to transformers: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if hf.lm_head.weight.data_ptr() != hf.transformer.wte.weight.data_ptr():
+        raise UserError("transformers' GPT-2 head is not tied to its embedding")
+    return hf
+
+
+def hf_beam_search(hf, prompts: list[list[int]], max_new_tokens: int = SEARCH["max_new_tokens"]) -> list[list[int]]:
+    idx, pad = left_pad(prompts, EOT, "cpu")
+    mask = torch.ones_like(idx) if pad is None else (torch.arange(idx.size(1)) >= pad[:, None]).long()
+    out = hf.generate(input_ids=idx, attention_mask=mask, num_beams=SEARCH["beam_size"],
+                      length_penalty=SEARCH["length_penalty"], no_repeat_ngram_size=SEARCH["no_repeat_ngram_size"],
+                      max_new_tokens=max_new_tokens, early_stopping=False, do_sample=False,
+                      eos_token_id=EOT, pad_token_id=EOT)
+    return [s[:s.index(EOT)] if EOT in s else s for s in out[:, idx.size(1):].tolist()]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=20, help="MRs to decode (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=10, help="MRs per batch (default: %(default)s)")
+    parser.add_argument("--ckpt", type=Path, help="a model of ours (GPT.save); default: random weights")
+    parser.add_argument("--csv", type=Path, default=DEFAULT_CSV, help="E2E test set (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.n < 1 or args.batch < 1:
+        raise UserError("--n and --batch must be at least 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        import transformers
+    except ImportError:
+        raise UserError("the bench compares against transformers: pip install transformers") from None
+
+    texts, reader = read_prompts(args.csv, args.n)
+    prompts = encode_batch(texts)
+    batches = [prompts[i:i + args.batch] for i in range(0, len(prompts), args.batch)]
+    if args.ckpt:
+        ours = GPT.from_file(args.ckpt)
+        hf, weights = to_transformers(ours), f"{args.ckpt}"
+    else:
+        ours, hf = random_models(GPTConfig(), args.seed)
+        weights = f"random (seed {args.seed})"
+    ours.eval()
+    hf.eval()
+    cfg = ours.config
+    with torch.inference_mode():
+        x = torch.tensor(prompts[:1])
+        logit_gap = (ours(x)[0] - hf(x).logits).abs().max().item()
+    # one small call each first, so that neither pays for one-time setup in the timing
+    beam_search(ours, batches[0][:2], **{**SEARCH, "max_new_tokens": 2})
+    hf_beam_search(hf, batches[0][:2], max_new_tokens=2)
+
+    decoders = {"ours (decoding.beam_search)": lambda b: beam_search(ours, b, **SEARCH, eos=EOT),
+                "transformers generate": lambda b: hf_beam_search(hf, b)}
+    outputs = {name: [] for name in decoders}
+    wall, cpu = dict.fromkeys(decoders, 0.0), dict.fromkeys(decoders, 0.0)
+    with torch.inference_mode():
+        for batch in batches:  # alternating, so that load from other processes falls on both alike
+            for name, run in decoders.items():
+                w, c = time.perf_counter(), time.process_time()
+                outputs[name] += run(batch)
+                wall[name] += time.perf_counter() - w
+                cpu[name] += time.process_time() - c
+
+    n = len(prompts)
+    print(f"{n} E2E test MRs (read by {reader}), batches of {args.batch}, beam {SEARCH['beam_size']}, "
+          f"length penalty {SEARCH['length_penalty']}, no-repeat {SEARCH['no_repeat_ngram_size']}-grams, "
+          f"≤ {SEARCH['max_new_tokens']} new tokens; CPU fp32, {torch.get_num_threads()} threads, torch "
+          f"{torch.__version__}, transformers {transformers.__version__}")
+    print(f"model: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} dims, vocab {cfg.vocab_size}, "
+          f"weights {weights}; max |logit difference| ours vs transformers: {logit_gap:.1e}\n")
+    print("| decoder | new tokens | wall s | CPU s | tokens/s | MRs/s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, outs in outputs.items():
+        tokens = sum(map(len, outs))
+        print(f"| {name} | {tokens} | {wall[name]:.1f} | {cpu[name]:.1f} | {tokens / wall[name]:.1f} | "
+              f"{n / wall[name]:.2f} |")
+    (ours_name, ours_out), (hf_name, hf_out) = outputs.items()
+    print(f"\nspeed ours/transformers: {wall[hf_name] / wall[ours_name]:.2f}× (wall), "
+          f"{cpu[hf_name] / cpu[ours_name]:.2f}× (CPU time)")
+    same = sum(a == b for a, b in zip(ours_out, hf_out))
+    ended = [sum(len(o) < SEARCH["max_new_tokens"] for o in outs) for outs in (ours_out, hf_out)]
+    print(f"identical outputs: {same}/{n} MRs; outputs ending in EOT before {SEARCH['max_new_tokens']} tokens: "
+          f"ours {ended[0]}/{n}, transformers {ended[1]}/{n}")
+
+
+if __name__ == "__main__":
+    run_main(main)
