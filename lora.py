@@ -211,6 +211,20 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+def bake_lora(model: nn.Module) -> nn.Module:
+    """Merge every update into its base weight for good and put the plain Linear layers back:
+    the result is an ordinary model (GPT.save writes it like any other), without the adapter."""
+    for name, m in list(_lora_modules(model)):
+        m.merge()
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, m.base)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if hasattr(model, "lora_config"):
+        del model.lora_config
+    return model
+
+
 # ----------------------------------------------------------------------------- base identity
 
 

@@ -1,12 +1,13 @@
 """Beam-search speed: our decoding.beam_search against transformers' GPT2LMHeadModel.generate.
 
-    python bench/beam.py [--n 20] [--batch 10] [--ckpt MODEL.safetensors] [--csv testset_w_refs.csv]
+    python bench/beam.py [--n 20] [--batch 10] [--model RUN_OR_FILE [--adapter ADAPTER]] [--csv testset_w_refs.csv]
 
 Both decode the first --n MRs of the E2E test set (prompt: linearised MR + " ||"), in the same
 batches of --batch MRs padded on the left, with beam 10, length penalty 0.8, no repeated
 4-gram, at most 64 new tokens, stop at EOT, on the same weights, fp32, in one run: a random
 GPT-2 (GPTConfig's size by default) made by transformers and loaded into ours with
-GPT.from_pretrained, or with --ckpt a model of ours exported into transformers. With random
+GPT.from_pretrained, or with --model a model of ours (a run folder or a file; with --adapter
+its LoRA adapter merged in) exported into transformers. With random
 weights the model almost never picks EOT, so every hypothesis runs to 64 tokens: the bench then
 measures the steady per-token cost, not early stopping (where ours also drops finished prompts
 from the batch). The two decoders take turns batch by batch, so that load from other processes
@@ -113,7 +114,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=20, help="MRs to decode (default: %(default)s)")
     parser.add_argument("--batch", type=int, default=10, help="MRs per batch (default: %(default)s)")
-    parser.add_argument("--ckpt", type=Path, help="a model of ours (GPT.save); default: random weights")
+    parser.add_argument("--model", help="a model of ours: run folder or .safetensors (default: random weights)")
+    parser.add_argument("--adapter", type=Path, help="with --model: a LoRA adapter to merge into it")
     parser.add_argument("--csv", type=Path, default=DEFAULT_CSV, help="E2E test set (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
@@ -130,9 +132,15 @@ def main(argv=None) -> None:
     texts, reader = read_prompts(args.csv, args.n)
     prompts = encode_batch(texts)
     batches = [prompts[i:i + args.batch] for i in range(0, len(prompts), args.batch)]
-    if args.ckpt:
-        ours = GPT.from_file(args.ckpt)
-        hf, weights = to_transformers(ours), f"{args.ckpt}"
+    if args.model:
+        from common import load_model
+        from lora import bake_lora, load_adapter
+
+        ours, weights = load_model(args.model), args.model
+        if args.adapter:
+            load_adapter(ours, args.adapter)
+            ours, weights = bake_lora(ours), f"{args.model} + LoRA {args.adapter}"
+        hf = to_transformers(ours)
     else:
         ours, hf = random_models(GPTConfig(), args.seed)
         weights = f"random (seed {args.seed})"

@@ -14,6 +14,7 @@ from lora import (
     TARGETS,
     LoRAConfig,
     LoRALinear,
+    bake_lora,
     base_fingerprint,
     inject_lora,
     load_adapter,
@@ -85,6 +86,17 @@ def test_output_matches_hand_merged_weights_and_unmerge_is_exact():
     for name, p in model.named_parameters():
         assert torch.equal(p, original[name]), name
     torch.testing.assert_close(logits(model), expected)
+
+
+def test_baked_model_is_a_plain_gpt_with_the_update(tmp_path):
+    model = inject_lora(tiny(), LoRAConfig(targets=ALL))
+    randomize_b(model)
+    adapted = logits(model)
+    baked = bake_lora(model)
+    assert not any(isinstance(m, LoRALinear) for m in baked.modules())
+    assert torch.allclose(logits(baked), adapted, atol=1e-5)
+    baked.save(tmp_path / "baked.safetensors")  # the names are the plain model's again
+    assert torch.allclose(logits(GPT.from_file(tmp_path / "baked.safetensors").eval()), adapted, atol=1e-5)
 
 
 def test_only_lora_parameters_train():
