@@ -370,7 +370,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, label_smoothing, need_grad):
+    def forward(ctx, x, weight, targets, label_smoothing, need_grad_x, need_grad_w):
         valid = targets != IGNORE_INDEX
         n = valid.sum().clamp(min=1)
         vocab = weight.size(0)
@@ -378,8 +378,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         cdt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else weight.dtype
         w = weight.to(cdt)
         total = torch.zeros((), device=x.device, dtype=torch.float32)
-        grad_x = torch.empty_like(x) if need_grad else None
-        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_grad else None
+        grad_x = torch.empty_like(x) if need_grad_x else None
+        # a frozen head (LoRA fine-tuning) needs no weight gradient: a third of the work saved
+        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_grad_w else None
         for s in range(0, x.size(0), LOSS_CHUNK):
             xc, t, ok = x[s:s + LOSS_CHUNK], targets[s:s + LOSS_CHUNK], valid[s:s + LOSS_CHUNK]
             xc = xc.to(cdt)
@@ -390,17 +391,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # label smoothing: the target is (1 - ε) one-hot + ε uniform over the vocabulary
             loss = (1 - label_smoothing) * nll + label_smoothing * (lse - logits.mean(-1)) if label_smoothing else nll
             total += (loss * ok).sum()
-            if need_grad:
+            if need_grad_x or need_grad_w:
                 g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
                 g.scatter_add_(1, t[:, None], g.new_full((g.size(0), 1), -(1 - label_smoothing)))
                 if label_smoothing:
                     g.sub_(label_smoothing / vocab)
                 g.mul_((ok / n)[:, None])
                 g = g.to(cdt)
-                grad_x[s:s + LOSS_CHUNK] = g @ w
-                if cdt == torch.float32:
+                if need_grad_x:
+                    grad_x[s:s + LOSS_CHUNK] = g @ w
+                if need_grad_w and cdt == torch.float32:
                     grad_w.addmm_(g.t(), xc)  # in place: no (vocab, n_embd) temporary per chunk
-                else:
+                elif need_grad_w:
                     grad_w += g.t() @ xc
         ctx.save_for_backward(grad_x, grad_w)
         ctx.weight_dtype = weight.dtype
@@ -409,13 +411,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_out, (grad_w * grad_out).to(ctx.weight_dtype), None, None, None
+        return (grad_x * grad_out if grad_x is not None else None,
+                (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None, None, None, None, None)
 
 
 def linear_cross_entropy(x, weight, targets, label_smoothing: float = 0.0):
     """cross_entropy(x @ weightᵀ, targets, ignore_index=-100, label_smoothing), memory-lean."""
-    need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return _LinearCrossEntropy.apply(x, weight, targets, label_smoothing, need_grad)
+    grad = torch.is_grad_enabled()
+    return _LinearCrossEntropy.apply(x, weight, targets, label_smoothing, grad and x.requires_grad,
+                                     grad and weight.requires_grad)
 
 
 # ----------------------------------------------------------------------------- loading

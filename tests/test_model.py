@@ -116,14 +116,15 @@ def test_save_and_from_file_round_trip(tiny_model, tmp_path):
 # ----------------------------------------------------------------------------- loss
 
 
-@pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_chunked_loss_equals_cross_entropy(tiny_model, monkeypatch, smoothing):
+@pytest.mark.parametrize(("smoothing", "frozen_head"), [(0.0, False), (0.1, False), (0.1, True)])
+def test_chunked_loss_equals_cross_entropy(tiny_model, monkeypatch, smoothing, frozen_head):
     monkeypatch.setattr(model_module, "LOSS_CHUNK", 7)  # several chunks and a ragged last one
     tiny_model.train()
+    tiny_model.lm_head.weight.requires_grad_(not frozen_head)  # frozen as in LoRA fine-tuning
     idx = torch.randint(0, 64, (3, 20))
     targets = torch.randint(0, 64, (3, 20))
     targets[0, :9] = model_module.IGNORE_INDEX
-    params = list(tiny_model.parameters())
+    params = [p for p in tiny_model.parameters() if p.requires_grad]
     _, loss = tiny_model(idx, targets, label_smoothing=smoothing)
     grads = torch.autograd.grad(loss, params)
     logits, _ = tiny_model(idx)
