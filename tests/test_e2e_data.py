@@ -9,6 +9,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import REPO, SHARED
 
 from common import UserError, run_main
 from data.e2e import prepare
@@ -23,8 +24,6 @@ from data.e2e.prepare import (
 )
 from tokenizer import EOT, decode
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
 ZIP = SHARED / "data" / "e2e" / "e2e-dataset.zip"
 
 

@@ -2,15 +2,14 @@
 
 import json
 import math
-from pathlib import Path
 
 import pytest
+from conftest import SHARED
 
 import e2e_metrics
 from common import UserError
 from e2e_metrics import bleu_nist, format_scores, mteval_tokenize, read_outputs, read_references, score
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 E2E = SHARED / "data" / "e2e"
 needs_java = pytest.mark.skipif(not e2e_metrics.java_available(), reason="Java not found: official METEOR/PTB need it")
 
