@@ -6,7 +6,10 @@ Sections: causal attention forward and forward+backward against SDPA's flash bac
 softmax; LoRA linear forward and forward+backward against the unfused PyTorch version and the frozen base GEMM
 alone; one training step of the default 6-layer GPT (bf16 autocast) with attn_impl 'triton' against 'sdpa'.
 Times are medians of CUDA-event timed repeats after warm-up (triton.testing.do_bench); the first call of each
-Triton kernel shape also autotunes it, outside the timing. `--out FILE` writes the Markdown tables to FILE and
+Triton kernel shape also autotunes it, outside the timing. Such a time includes whatever the host cannot hide (a
+call's Python and launch overhead, when it exceeds the GPU time), so the Triton kernels and the main baseline are
+also timed as CUDA-graph replays (triton.testing.do_bench_cudagraph: GPU time alone; "graph" columns), and the
+configs the autotuner chose are listed. `--out FILE` writes the Markdown tables to FILE and
 the same data as JSON next to it (FILE with a .json suffix). Without CUDA it says so and exits 0.
 """
 
@@ -45,7 +48,20 @@ def bench(fn):
         return None
 
 
-def bench_pass(fn, mode, inputs, grad):
+def bench_graph(fn):
+    """Mean ms of fn() replayed from a CUDA graph (no host overhead, no L2 flush); None if it cannot be captured."""
+    from triton.testing import do_bench_cudagraph
+
+    try:
+        return do_bench_cudagraph(fn, rep=20)
+    except Exception as e:  # any capture failure only loses this column
+        print(f"  (graph timing skipped: {type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})",
+              file=sys.stderr)
+        torch.cuda.synchronize()
+        return None
+
+
+def bench_pass(fn, mode, inputs, grad, timer=bench):
     """Median ms of fn() without autograd ("fwd"), or of fn() plus the backward to `inputs` ("fwd+bwd")."""
     if mode == "fwd":
 
@@ -57,7 +73,7 @@ def bench_pass(fn, mode, inputs, grad):
         def run():
             torch.autograd.grad(fn(), inputs, grad)
 
-    return bench(run)
+    return timer(run)
 
 
 def ratio(a, b):
@@ -104,13 +120,16 @@ def attention_rows(quick):
         fwd_flops = 2 * B * H * T * T * D  # 4·B·H·T²·D, halved by causality
         for mode, flops in (("fwd", fwd_flops), ("fwd+bwd", 3.5 * fwd_flops)):  # backward = 2.5 forwards
             ms = {name: bench_pass(partial(fn, q, k, v), mode, (q, k, v), grad) for name, fn in impls.items()}
+            graph = {name: bench_pass(partial(impls[name], q, k, v), mode, (q, k, v), grad, bench_graph)
+                     for name in ("triton", "flash")}
             rows.append({"B": B, "H": H, "T": T, "D": D, "pass": mode, **{f"{n} ms": ms[n] for n in impls},
+                         **{f"{n} graph ms": graph[n] for n in graph},
                          "triton TFLOP/s": ratio(flops / 1e9, ms["triton"]),
                          "flash TFLOP/s": ratio(flops / 1e9, ms["flash"]),
                          "flash/triton time": ratio(ms["flash"], ms["triton"]),
                          "naive/triton time": ratio(ms["naive"], ms["triton"])})
-            print(f"  attention B={B} H={H} T={T} {mode}: " + ", ".join(f"{n} {fmt(t)} ms" for n, t in ms.items()),
-                  file=sys.stderr)
+            print(f"  attention B={B} H={H} T={T} {mode}: " + ", ".join(f"{n} {fmt(t)} ms" for n, t in ms.items())
+                  + ", graph: " + ", ".join(f"{n} {fmt(t)} ms" for n, t in graph.items()), file=sys.stderr)
         torch.cuda.empty_cache()
     return rows
 
@@ -146,14 +165,32 @@ def lora_rows(quick):
         }
         for mode in ("fwd", "fwd+bwd"):
             ms = {name: bench_pass(fn, mode, inputs, grad) for name, (fn, inputs) in impls.items()}
+            graph = {name: bench_pass(impls[name][0], mode, impls[name][1], grad, bench_graph)
+                     for name in ("triton", "unfused", "base")}
             rows.append({"in": in_f, "out": out_f, "r": r, "N": n, "dropout": p, "pass": mode,
-                         **{f"{k} ms": v for k, v in ms.items()},
+                         **{f"{k} ms": v for k, v in ms.items()}, **{f"{k} graph ms": v for k, v in graph.items()},
                          "triton vs base %": None if ms["triton"] is None or ms["base"] is None
                          else 100 * (ms["triton"] / ms["base"] - 1),
                          "unfused/triton time": ratio(ms["unfused"], ms["triton"])})
             print(f"  lora {in_f}x{out_f} r={r} N={n} p={p} {mode}: "
-                  + ", ".join(f"{k} {fmt(v)} ms" for k, v in ms.items()), file=sys.stderr)
+                  + ", ".join(f"{k} {fmt(v)} ms" for k, v in ms.items())
+                  + ", graph: " + ", ".join(f"{k} {fmt(v)} ms" for k, v in graph.items()), file=sys.stderr)
         torch.cuda.empty_cache()
+    return rows
+
+
+def tuned_rows():
+    """The config each autotuned Triton kernel chose, per tuning key (what the timings above ran)."""
+    import kernels.attention as attention
+    import kernels.lora_linear as lora
+
+    rows = []
+    for name, launcher in (("attention fwd", attention._FWD), ("attention bwd", attention._BWD),
+                           ("lora gemm", lora._GEMM)):
+        for key, cfg in getattr(launcher.tuned, "cache", {}).items():
+            meta = ", ".join(f"{k} {v}" for k, v in cfg.kwargs.items())
+            rows.append({"kernel": name, "key": ", ".join(map(str, key)),
+                         "config": f"{meta}, {cfg.num_warps} warps, {cfg.num_stages} stages"})
     return rows
 
 
@@ -219,6 +256,7 @@ def main():
         "LoRA linear (y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ; base = frozen x Wᵀ + b alone)": lora_rows(args.quick),
         "Training step, default 6-layer GPT, bf16 autocast, fused AdamW": train_step_rows(args.quick, peak),
     }
+    tables["Autotuned configs (key: the launcher's tuning key, then the tensor dtypes)"] = tuned_rows()
     text = header + "\n" + "\n".join(markdown(title, rows) for title, rows in tables.items() if rows)
     print(text)
     if args.out:

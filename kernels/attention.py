@@ -6,8 +6,10 @@ Forward: one program per (query block, batch·head) walks the key blocks left of
 then the diagonal block with the causal mask, keeping a running max / sum (online softmax) in float32, so no
 T×T matrix ever exists. Key blocks right of the diagonal are never visited. It stores the output and the row
 log-sum-exp (base 2, of the scaled scores). Backward recomputes the probabilities from that log-sum-exp: a small
-kernel computes delta = rowsum(dO·O), one kernel per key block accumulates dK and dV over the query blocks at or
-below it, and one kernel per query block accumulates dQ over the key blocks at or left of it (no atomics).
+kernel computes delta = rowsum(dO·O), then one kernel (the structure of the triton tutorial's Hopper backward)
+whose program j accumulates dK and dV of key block j over the query blocks at or below it, then dQ of query block
+j over the key blocks at or left of it. Both halves recompute the probabilities (7 block matmuls instead of the
+minimal 5), which buys no atomics and equal work per program.
 
 Any T (masked tails), any head dim up to 256 (padded to a power of two ≥ 16 in registers; 32/64/128 are the
 tuned ones), float32/float16/bfloat16 inputs with float32 accumulation. Inputs may be strided views (e.g. the
@@ -164,43 +166,6 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, sq_t, sdo_t, cols, offs_d, 
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
-                          sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sdo_b, sdo_h, sdo_t,
-                          sdk_b, sdk_h, sdk_t, sdv_b, sdv_h, sdv_t,
-                          H, T, T_BUCKET, sm_scale, qk_scale,
-                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    tl.static_assert(BLOCK_N % BLOCK_M == 0)
-    # Key block 0 has the most work (every query sees it) and program 0 launches first: no reordering needed.
-    pid_n = tl.program_id(0)
-    Q += _head_offset(sq_b, sq_h, H)
-    K += _head_offset(sk_b, sk_h, H)
-    V += _head_offset(sv_b, sv_h, H)
-    DO += _head_offset(sdo_b, sdo_h, H)
-    DK += _head_offset(sdk_b, sdk_h, H)
-    DV += _head_offset(sdv_b, sdv_h, H)
-    LSE += tl.program_id(1).to(tl.int64) * T
-    DELTA += tl.program_id(1).to(tl.int64) * T
-
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    k = _load_tile(K, cols, sk_t, offs_d, T, HEAD_DIM, BLOCK_D)
-    v = _load_tile(V, cols, sv_t, offs_d, T, HEAD_DIM, BLOCK_D)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-
-    diag = pid_n * BLOCK_N
-    end_diag = tl.minimum(diag + BLOCK_N, T)
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, sq_t, sdo_t, cols, offs_d, diag, end_diag, T,
-                             qk_scale, True, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, sq_t, sdo_t, cols, offs_d, end_diag, T, T,
-                             qk_scale, False, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
-
-    _store_tile(DK, cols, sdk_t, offs_d, T, dk * sm_scale, HEAD_DIM, BLOCK_D)
-    _store_tile(DV, cols, sdv_t, offs_d, T, dv, HEAD_DIM, BLOCK_D)
-
-
-@triton.jit
 def _bwd_dq_inner(dq, q, do, lse, delta, K, V, sk_t, sv_t, rows, offs_d, lo, hi, T, qk_scale,
                   MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                   PRECISION: tl.constexpr):
@@ -219,83 +184,117 @@ def _bwd_dq_inner(dq, q, do, lse, delta, K, V, sk_t, sv_t, rows, offs_d, lo, hi,
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
-                        sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sdo_b, sdo_h, sdo_t,
-                        sdq_b, sdq_h, sdq_t,
-                        H, T, T_BUCKET, sm_scale, qk_scale,
-                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    tl.static_assert(BLOCK_M % BLOCK_N == 0)
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest programs first, as in the forward
+def _attn_bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA,
+                     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sdo_b, sdo_h, sdo_t,
+                     sdq_b, sdq_h, sdq_t, sdk_b, sdk_h, sdk_t, sdv_b, sdv_h, sdv_t,
+                     H, T, T_BUCKET, sm_scale, qk_scale,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M1: tl.constexpr,
+                     BLOCK_N2: tl.constexpr, PRECISION: tl.constexpr):
+    """Program j computes dK, dV of key block j (walking the query blocks at or below it) and then dQ of query
+    block j (walking the key blocks at or left of it). The two causal triangles are mirror images, so every
+    program does the same work, (T/BLOCK + 1) block pairs: no tail of long programs, one launch, no atomics."""
+    tl.static_assert(BLOCK % BLOCK_M1 == 0)
+    tl.static_assert(BLOCK % BLOCK_N2 == 0)
     Q += _head_offset(sq_b, sq_h, H)
     K += _head_offset(sk_b, sk_h, H)
     V += _head_offset(sv_b, sv_h, H)
     DO += _head_offset(sdo_b, sdo_h, H)
     DQ += _head_offset(sdq_b, sdq_h, H)
+    DK += _head_offset(sdk_b, sdk_h, H)
+    DV += _head_offset(sdv_b, sdv_h, H)
     LSE += tl.program_id(1).to(tl.int64) * T
     DELTA += tl.program_id(1).to(tl.int64) * T
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    start = tl.program_id(0) * BLOCK
+    end_diag = tl.minimum(start + BLOCK, T)
+    offs = start + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(Q, rows, sq_t, offs_d, T, HEAD_DIM, BLOCK_D)
-    do = _load_tile(DO, rows, sdo_t, offs_d, T, HEAD_DIM, BLOCK_D)
-    lse, delta = _load_row_stats(LSE, DELTA, rows, T)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    diag = pid_m * BLOCK_M
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, sk_t, sv_t, rows, offs_d, 0, diag, T, qk_scale,
-                       False, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, sk_t, sv_t, rows, offs_d, diag, tl.minimum(diag + BLOCK_M, T),
-                       T, qk_scale, True, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+    # dK, dV: the diagonal block with the causal mask, then every query block below it without one. Query rows
+    # past T (the last block's tail) have lse = +inf, so p = 0 there and they add nothing.
+    k = _load_tile(K, offs, sk_t, offs_d, T, HEAD_DIM, BLOCK_D)
+    v = _load_tile(V, offs, sv_t, offs_d, T, HEAD_DIM, BLOCK_D)
+    dk = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, sq_t, sdo_t, offs, offs_d, start, end_diag, T,
+                             qk_scale, True, HEAD_DIM, BLOCK_D, BLOCK_M1, PRECISION)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, sq_t, sdo_t, offs, offs_d, end_diag, T, T,
+                             qk_scale, False, HEAD_DIM, BLOCK_D, BLOCK_M1, PRECISION)
+    _store_tile(DK, offs, sdk_t, offs_d, T, dk * sm_scale, HEAD_DIM, BLOCK_D)
+    _store_tile(DV, offs, sdv_t, offs_d, T, dv, HEAD_DIM, BLOCK_D)
 
-    _store_tile(DQ, rows, sdq_t, offs_d, T, dq * sm_scale, HEAD_DIM, BLOCK_D)
+    # dQ: every key block left of the diagonal without a mask, then the diagonal block with it. Key rows past T
+    # only occur in the diagonal block, where the causal mask removes them for every row below T.
+    q = _load_tile(Q, offs, sq_t, offs_d, T, HEAD_DIM, BLOCK_D)
+    do = _load_tile(DO, offs, sdo_t, offs_d, T, HEAD_DIM, BLOCK_D)
+    lse, delta = _load_row_stats(LSE, DELTA, offs, T)
+    dq = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, sk_t, sv_t, offs, offs_d, 0, start, T, qk_scale,
+                       False, HEAD_DIM, BLOCK_D, BLOCK_N2, PRECISION)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, sk_t, sv_t, offs, offs_d, start, end_diag, T, qk_scale,
+                       True, HEAD_DIM, BLOCK_D, BLOCK_N2, PRECISION)
+    _store_tile(DQ, offs, sdq_t, offs_d, T, dq * sm_scale, HEAD_DIM, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------- launch configs
 
 
-def _configs(blocks):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) tuples -> triton configs."""
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in blocks]
+def _fwd_needs(c, args):
+    """(shared memory bytes, 32-bit registers per thread) of a forward config. Shared memory, as allocated by
+    triton 3.6-3.9 on sm_90 (checked against ptxas for every config, dtype and head dim): q, plus k and v tiles
+    in each of num_stages pipeline buffers; tf32x3 keeps a second copy of q. Registers: the float32 accumulator
+    and scores, plus q."""
+    m, n, d, e = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], args["BLOCK_D"], args["Q"].element_size()
+    smem = e * (_resident_copies(args) * m * d + 2 * c.num_stages * n * d) + 1024
+    return smem, _words(m * d + m * n + m * d * e / 4, e, c.num_warps)
 
 
-def _register_prune(footprint, budget=224):
-    """Autotune pruning: drop configs whose main live tiles, `footprint(BLOCK_M, BLOCK_N, HEAD_DIM)` 32-bit words
-    for 16-bit inputs, exceed `budget` registers per thread; those spill (checked on sm_90 with cuobjdump) and
-    only cost tuning time. float32 inputs (FMA dots) count double."""
-
-    def prune(configs, named_args, **kwargs):
-        wide = 2 if named_args["Q"].element_size() == 4 else 1
-
-        def words(c):
-            return wide * footprint(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], kwargs["BLOCK_D"]) / (32 * c.num_warps)
-
-        return [c for c in configs if words(c) <= budget] or [min(configs, key=words)]
-
-    return {"early_config_prune": prune}
+def _bwd_needs(c, args):
+    """As _fwd_needs for the backward. dK/dV phase: k, v resident, q and dO tiles (and their row statistics)
+    pipelined; dQ phase: q, dO resident, k and v pipelined; triton reuses the first phase's buffers."""
+    blk, m1, n2 = c.kwargs["BLOCK"], c.kwargs["BLOCK_M1"], c.kwargs["BLOCK_N2"]
+    d, e, s = args["BLOCK_D"], args["Q"].element_size(), c.num_stages
+    resident = _resident_copies(args) * 2 * blk * d
+    dkdv = e * (resident + 2 * s * m1 * d) + 8 * s * m1
+    dq = e * (resident + 2 * s * n2 * d)
+    regs = max(2 * blk * d + 2 * blk * m1, blk * d + 2 * blk * n2 + 2 * blk * d * e / 4)
+    return max(dkdv, dq) + 1024, _words(regs, e, c.num_warps)
 
 
-# Candidates for H100-class GPUs (FlashAttention-2 tiles), pruned per head dim. The autotuner keys on the head dim
-# and T's power-of-two bucket, so generation with a growing T does not retune at every step. Small tiles under
-# the interpreter let the tests cover several blocks, the diagonal and the tails with a tiny T.
+def _resident_copies(args):
+    """tf32x3 dots (float32 inputs, TF32 not allowed) keep the operands loaded once in shared memory twice."""
+    return 2 if args["PRECISION"] == "tf32x3" else 1
+
+
+def _words(elements, element_size, num_warps):
+    """32-bit registers per thread for `elements` live float32 values; float32 inputs count double (tf32x3 dots
+    split every operand into a high and a low part)."""
+    return elements * (2 if element_size == 4 else 1) / (32 * num_warps)
+
+
+def _configs(blocks, names):
+    """Tuples of (*meta-parameters, num_warps, num_stages) -> triton configs."""
+    return [triton.Config(dict(zip(names, b[:-2])), num_warps=b[-2], num_stages=b[-1]) for b in blocks]
+
+
+# Candidates for H100-class GPUs (FlashAttention-2 tiles); the launcher drops those that would not fit the device's
+# shared memory or would spill for the head dim and dtype at hand. The last entry of each list, for when none other
+# fits, fits every dtype and head dim <= 256 on sm_90 (at most 160 KiB, ptxas). The autotuner keys on the head dim
+# and T's power-of-two bucket, so generation with a growing T does not retune at every step. Small tiles under the
+# interpreter let the tests cover several blocks, the diagonal and the tails with a tiny T.
 _KEY = ["HEAD_DIM", "T_BUCKET"]
 _FWD = _Launcher(
     _attn_fwd_kernel,
-    _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4), (64, 32, 4, 3)]),
-    _KEY, _configs([(32, 16, 4, 1)])[0],
-    prune_configs_by=_register_prune(lambda m, n, d: 1.5 * m * d + m * n))  # acc, q, scores
-_BWD_DKDV = _Launcher(
-    _attn_bwd_dkdv_kernel,
-    _configs([(32, 128, 4, 3), (64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3), (32, 64, 4, 4),
-              (16, 64, 4, 4)]),
-    _KEY, _configs([(16, 32, 4, 1)])[0],
-    prune_configs_by=_register_prune(lambda m, n, d: 3 * n * d + 2 * n * m))  # dk, dv, k, v, p, dp
-_BWD_DQ = _Launcher(
-    _attn_bwd_dq_kernel,
-    _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3), (64, 16, 4, 4)]),
-    _KEY, _configs([(32, 16, 4, 1)])[0],
-    prune_configs_by=_register_prune(lambda m, n, d: 2 * m * d + 2 * m * n))  # dq, q, do, p, dp
-_DELTA_BLOCK_M = 64
+    _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4), (64, 32, 4, 3),
+              (32, 16, 4, 2)], ("BLOCK_M", "BLOCK_N")),
+    _KEY, _configs([(32, 16, 4, 1)], ("BLOCK_M", "BLOCK_N"))[0], needs=_fwd_needs)
+# (BLOCK, BLOCK_M1, BLOCK_N2, warps, stages): the first is the triton tutorial's Hopper backward (128-row blocks,
+# 32-row steps, 4 warps, 5 stages).
+_BWD = _Launcher(
+    _attn_bwd_kernel,
+    _configs([(128, 32, 32, 4, 5), (128, 32, 32, 4, 3), (128, 16, 32, 4, 4), (128, 32, 32, 8, 4), (128, 64, 64, 8, 3),
+              (64, 32, 32, 4, 4), (64, 16, 16, 4, 3), (32, 16, 16, 4, 2)], ("BLOCK", "BLOCK_M1", "BLOCK_N2")),
+    _KEY, _configs([(32, 16, 16, 4, 1)], ("BLOCK", "BLOCK_M1", "BLOCK_N2"))[0], needs=_bwd_needs)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -330,18 +329,15 @@ def _attn_backward(q, k, v, o, lse, do, scale):
     do = _unit_last(do)
     dims = dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)))
     delta = _fresh(torch.empty(B * H, T, dtype=torch.float32, device=q.device))
-    _attn_bwd_delta_kernel[(triton.cdiv(T, _DELTA_BLOCK_M), B * H)](
-        o, do, delta, *_strides(o), *_strides(do), H, T, BLOCK_M=_DELTA_BLOCK_M, **dims)
+    block_m = 8192 // dims["BLOCK_D"]  # o and dO tiles of 32 float32 registers per thread each, at 4 warps
+    _attn_bwd_delta_kernel[(triton.cdiv(T, block_m), B * H)](
+        o, do, delta, *_strides(o), *_strides(do), H, T, BLOCK_M=block_m, **dims, num_warps=4)
 
     dq, dk, dv = (_bthd_empty(B, H, T, D, q) for _ in range(3))
-    common = (H, T, triton.next_power_of_2(T), scale, scale * _LOG2E)
-    dims["PRECISION"] = _dot_precision(q.dtype)
-    _BWD_DKDV[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)](
-        q, k, v, do, dk, dv, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-        *_strides(dk), *_strides(dv), *common, **dims)
-    _BWD_DQ[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](
-        q, k, v, do, dq, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-        *common, **dims)
+    _BWD[lambda meta: (triton.cdiv(T, meta["BLOCK"]), B * H)](
+        q, k, v, do, dq, dk, dv, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+        *_strides(dq), *_strides(dk), *_strides(dv), H, T, triton.next_power_of_2(T), scale, scale * _LOG2E,
+        PRECISION=_dot_precision(q.dtype), **dims)
     return dq, dk, dv
 
 

@@ -82,6 +82,18 @@ def _poison(monkeypatch):
     monkeypatch.setattr(kernels, "_POISON", True)
 
 
+@pytest.fixture(autouse=True)
+def _first_fitting_config(monkeypatch):
+    # On the GPU, run each kernel with its first config that fits instead of autotuning over all of them for
+    # every shape and dtype here (minutes of compiling); tests that use the `autotune` fixture tune as in real use.
+    monkeypatch.setattr(kernels, "_AUTOTUNE", False)
+
+
+@pytest.fixture
+def autotune(monkeypatch):
+    monkeypatch.setattr(kernels, "_AUTOTUNE", True)
+
+
 def _close(actual, expected, dtype, what):
     # atol relative to the tensor's scale: sums like dA = gᵀx cancel to near zero in places.
     atol = TOL[dtype]["atol"] * max(1.0, expected.abs().max().item())
@@ -144,11 +156,21 @@ def test_attention_strided_qkv_and_odd_head_dim(device):
 
 
 @NEEDS_GPU
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_attention_cuda_training_shape(dtype):
+def test_attention_cuda_training_shape(autotune):
     # The autotuned GPU configs at a realistic T (with a tail), including the multi-block causal paths.
     torch.manual_seed(2)
-    q, k, v = (torch.randn(2, 4, 1000, 64, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(2, 4, 1000, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    _check_attention(q, k, v)
+
+
+@NEEDS_GPU
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [16, 80, 256])
+def test_attention_cuda_other_head_dims(dtype, head_dim):
+    # Head dims beyond the tuned ones: 80 is padded to 128, 256 in float32 only fits the smallest configs.
+    torch.manual_seed(head_dim)
+    q, k, v = (torch.randn(1, 2, 150, head_dim, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
     _check_attention(q, k, v)
 
 
@@ -157,6 +179,57 @@ class _NoLaunch:
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: None
+
+
+def test_fit_configs_respects_shared_memory_then_registers():
+    # (shared memory bytes, registers per thread) by config name.
+    needs = {"big": (300_000, 100), "spills": (100_000, 400), "ok": (100_000, 200), "small": (50_000, 250),
+             "tiny": (20_000, 100)}
+    fit = kernels._fit_configs
+    assert fit(list(needs), needs.get, 232_448, fallback="tiny") == ["ok"]  # the fallback only if nothing fits
+    assert fit(["big", "spills", "tiny"], needs.get, 232_448, fallback="tiny") == ["tiny"]
+    assert fit(["big", "spills", "small"], needs.get, 232_448) == ["small", "spills"]  # fewest registers first
+    assert fit(["big", "spills"], needs.get, 90_000) == ["spills"]  # nothing fits: the least shared memory
+
+
+def test_launcher_drops_configs_that_run_out_of_resources(monkeypatch):
+    # A stand-in for triton's autotuner: it prunes through the launcher, "benchmarks" by taking the first config
+    # left, and fails at launch for configs too big for the device, as a lone or all-failing config would.
+    from triton.runtime.errors import OutOfResources
+
+    class Config:
+        def __init__(self, smem):
+            self.kwargs, self.smem = {}, smem
+
+    class Tuner:
+        def __init__(self, configs):
+            self.configs, self.cache, self.best_config, self.runs = configs, {}, None, []
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                if "key" not in self.cache:
+                    self.cache["key"] = launcher._prune(self.configs, dict(zip(kernel.arg_names, args)), **kwargs)[0]
+                self.best_config = self.cache["key"]
+                self.runs.append(self.best_config.smem)
+                if self.best_config.smem > 200_000:
+                    raise OutOfResources(self.best_config.smem, 200_000, "shared memory")
+            return run
+
+    kernel = type("Kernel", (), {"arg_names": ["X", "N"], "__name__": "k"})()
+    configs = [Config(300_000), Config(250_000), Config(100_000)]
+    launcher = object.__new__(kernels._Launcher)
+    launcher.kernel, launcher.key, launcher._failed, launcher.fallback = kernel, ["N"], {}, None
+    launcher.needs = lambda c, args: (0, 0)  # the estimate misses: only the launch reveals the problem
+    launcher.tuned = Tuner(configs)
+    monkeypatch.setattr(kernels, "_smem_limit", lambda device: 232_448)
+    launcher[(1,)](torch.zeros(1), 5)
+    assert launcher.tuned.runs == [300_000, 250_000, 100_000] and launcher.tuned.best_config is configs[2]
+    launcher[(1,)](torch.zeros(1), 5)  # remembered: no more failures
+    assert launcher.tuned.runs[3:] == [100_000]
+    configs[2].smem = 210_000
+    launcher.tuned.cache.clear()
+    with pytest.raises(OutOfResources):
+        launcher[(1,)](torch.zeros(1), 5)
 
 
 def test_unwritten_output_is_caught(monkeypatch):
@@ -189,7 +262,7 @@ def _check_lora(x, weight, bias, a, b, scale, p=0.0, seed=None):
     ref.backward(grad.double())
     _close(y, ref, x.dtype, "y")
     for name, t, t64 in (("dx", x, x64), ("dA", a, a64), ("dB", b, bb64), ("dbias", bias, b64)):
-        if t is not None:
+        if t is not None and t.requires_grad:
             _close(t.grad, t64.grad, x.dtype, name)
     assert weight.grad is None
 
@@ -211,6 +284,15 @@ def test_lora_linear_matches_reference(device, dtype, lead, in_f, out_f, r, bias
 def test_lora_linear_dropout_matches_reference_with_same_mask(device, dtype):
     torch.manual_seed(3)
     _check_lora(*_lora_inputs(device, dtype, (2, 19), 72, 40, 8, True), scale=0.5, p=0.3, seed=1234)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_lora_linear_without_input_grad(device, p):
+    # x needs no gradient (e.g. a frozen embedding below): no dx GEMM, dy B comes from the small down kernel.
+    torch.manual_seed(4)
+    x, weight, bias, a, b = _lora_inputs(device, torch.float32, (45,), 40, 72, 4, True)
+    _check_lora(x.detach(), weight, bias, a, b, scale=1.5, p=p, seed=99)
 
 
 @pytest.mark.parametrize("device", DEVICES)
