@@ -9,7 +9,13 @@ Target names (LoRAConfig.targets), per transformer block:
     'attn_out'      attn.c_proj, the attention output projection
     'mlp_in'        mlp.c_fc
     'mlp_out'       mlp.c_proj
-The default, q and v, is the LoRA paper's choice for GPT-2.
+and, once per model:
+    'wte'           the token embedding and the LM head tied to it: one update B A of their shared
+                    (vocab, n_embd) weight, seen by the head as a LoRA linear layer and by the
+                    embedding as rows B[token] A (loralib's LoRA Embedding, tied)
+The default, q and v, is the LoRA paper's choice for GPT-2. 'wte' matters for a base whose
+embeddings saw little training (a small model pretrained for minutes): there the frozen
+vocabulary, not the attention, limits what an adapter can learn.
 
 An adapter is saved alone (`save_adapter`: safetensors of the LoRA tensors, a few MB at most)
 together with its config and the identity of the base it was trained on, so that loading it
@@ -42,6 +48,7 @@ TARGETS = {
     "attn_out": ("attn.c_proj", None),
     "mlp_in": ("mlp.c_fc", None),
     "mlp_out": ("mlp.c_proj", None),
+    "wte": ("lm_head", None),  # not in a block: the model's (tied) head and embedding
 }
 
 ADAPTER_FORMAT = "gpt2-study-lora-adapter/1"
@@ -116,6 +123,15 @@ class LoRALinear(nn.Module):
                    for n in names]
         return A, torch.cat(columns, dim=1)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The effective weight W + (α/r)·B A: for code that multiplies by the weight itself, as
+        the model's chunked loss does with its head."""
+        if self.merged:
+            return self.base.weight
+        A, B = self.lora_factors()
+        return self.base.weight + self.scale * (B @ A)
+
     def forward(self, x):
         if self.merged:  # the update is inside the base weight
             return self.base(x)
@@ -150,6 +166,25 @@ class LoRALinear(nn.Module):
         return f"parts={list(self.parts)}, r={self.r}, scale={self.scale:g}, dropout={self.dropout:g}"
 
 
+class LoRAEmbedding(nn.Module):
+    """The token embedding whose weight the LM head shares, when the head is adapted ('wte'):
+    row t of the effective weight is E[t] + (α/r)·B[t] A. The head owns A and B."""
+
+    def __init__(self, embedding: nn.Embedding, head: LoRALinear):
+        super().__init__()
+        self.weight = embedding.weight  # registered under the embedding's own name: the base is unchanged
+        # plain attributes, not submodules: the head's weights belong to lm_head
+        object.__setattr__(self, "head", head)
+        object.__setattr__(self, "original", embedding)
+
+    def forward(self, idx):
+        out = F.embedding(idx, self.weight)
+        if self.head.merged:  # the shared weight holds the update
+            return out
+        A, B = self.head.lora_factors()
+        return out + self.head.scale * (F.embedding(idx, B) @ A)
+
+
 # ----------------------------------------------------------------------------- injection
 
 
@@ -169,9 +204,16 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
         raise UserError("inject_lora needs a GPT model (transformer.h holds its blocks)")
     for p in model.parameters():
         p.requires_grad_(False)
+    if "wte" in cfg.targets:
+        if model.lm_head.weight is not model.transformer.wte.weight:
+            raise UserError("the 'wte' LoRA target needs the LM head tied to the token embedding")
+        model.lm_head = LoRALinear(model.lm_head, {"wte": 0}, 1, cfg).train(model.lm_head.training)
+        model.transformer.wte = LoRAEmbedding(model.transformer.wte, model.lm_head).train(model.training)
     # module path -> ({target: slot}, number of slots); q, k and v share one module
     by_module: dict[str, tuple[dict[str, int], int]] = {}
     for t in cfg.targets:
+        if t == "wte":
+            continue
         path, slot = TARGETS[t]
         parts, _ = by_module.setdefault(path, ({}, 1 if slot is None else 3))
         parts[t] = slot or 0
@@ -218,6 +260,10 @@ def bake_lora(model: nn.Module) -> nn.Module:
         m.merge()
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf, m.base)
+    for name, m in list(model.named_modules()):
+        if isinstance(m, LoRAEmbedding):  # its weight, shared with the head, now holds the update
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, m.original)
     for p in model.parameters():
         p.requires_grad_(True)
     if hasattr(model, "lora_config"):
