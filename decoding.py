@@ -133,7 +133,6 @@ def beam_search(model, prompts: list[list[int]], beam_size: int = 10, length_pen
         h = model.hidden_states(idx, cache)[:, -1]
         rows = torch.arange(B, device=device).repeat_interleave(K)
         cache.reorder(rows)
-        h = h[rows]
 
         # Running beams of the prompts still live (group a is prompt live[a]), in no particular order.
         live = torch.arange(B, device=device)
@@ -147,6 +146,8 @@ def beam_search(model, prompts: list[list[int]], beam_size: int = 10, length_pen
         for t in range(N):
             A = live.numel()
             logp = model.lm_head(h).float().log_softmax(-1)  # (A*K, V)
+            if t == 0:  # the K beams of a prompt start alike: its one row of log-probs serves them all
+                logp = logp[rows]
             if no_repeat_ngram_size > 0:
                 ban_repeated_ngrams(logp, seqs.view(A * K, N)[:, :t], no_repeat_ngram_size)
             V = logp.size(-1)
