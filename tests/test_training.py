@@ -204,3 +204,11 @@ def test_train_small_config_learns(token_data, tmp_path, monkeypatch):
     losses = [r["loss"] for r in records(out)]
     assert losses[0] > 10.5 and losses[-1] < losses[0] - 0.3
     assert any(f.name.startswith("events.out.tfevents") for f in (out / "tb").iterdir())
+
+
+def test_compiled_model_trains_like_eager(token_data, tmp_path, monkeypatch):
+    """--compile=True (torch.compile, inductor on the CPU) gives the eager run's losses."""
+    for name, flag in (("eager", False), ("compiled", True)):
+        run_train(monkeypatch, tiny_train_args(token_data, tmp_path / name, max_iters=3, compile=flag))
+    eager, compiled = ([r["loss"] for r in records(tmp_path / d)] for d in ("eager", "compiled"))
+    assert compiled == pytest.approx(eager, abs=1e-4)
