@@ -48,8 +48,10 @@ def systems_from_config(config: str) -> list[System]:
     from trainer import find_checkpoint, load_train_state
 
     cfg = load_config(FinetuneConfig, [config])
-    try:
-        base = cfg.init_from or default_base()
+    ckpt = find_checkpoint(cfg.out_dir)
+    info = json.loads((ckpt / "config.json").read_text()) if ckpt else None
+    try:  # an adapter that exists was trained on the base its run recorded (a local gpt2-medium folder, say)
+        base = info["base"] if info else cfg.init_from or default_base()
     except UserError as e:
         base_row = System("our GPT-2 (no pretrained run yet)", None, missing=str(e))
         why = f"needs the base first; then python finetune.py {config}"
@@ -59,13 +61,11 @@ def systems_from_config(config: str) -> list[System]:
         why = f"no model at {base}: " + (f"python train.py {made_by(base)}" if made_by(base) else "train it first")
         return [System(label, None, missing=why), System(f"{label} + LoRA", None, missing=why, lora_run=cfg.out_dir)]
     rows = [System(label, base)]
-    ckpt = find_checkpoint(cfg.out_dir)
     if ckpt is None:
         why = f"no adapter in {cfg.out_dir}: python finetune.py {config}"
         rows.append(System(f"{label} + LoRA", base, missing=why, lora_run=cfg.out_dir))
     else:
-        state, info = load_train_state(ckpt), json.loads((ckpt / "config.json").read_text())
-        step, total = state["step"], info["total_steps"]
+        step, total = load_train_state(ckpt)["step"], info["total_steps"]
         note = "" if step >= total else f"adapter at step {step} of {total}"
         rows.append(System(f"{label} + LoRA", base, ckpt / ADAPTER_FILE, note=note, lora_run=cfg.out_dir))
     return rows

@@ -150,8 +150,9 @@ def test_e2e_eval_table(base_run, e2e_data, tmp_path):
     r = run_cli("finetune.py", *finetune_args(base_run, e2e_data, adapter_run, max_iters=2))
     assert r.returncode == 0, r.stderr
     config = tmp_path / "cfg.py"
+    # as if trained offline with --init_from=FOLDER: the run's recorded base wins over the config's
     config.write_text(f'include("{REPO / "config/lora_e2e.py"}")\n'
-                      f'init_from = "{base_run}"\nout_dir = "{adapter_run}"\n')
+                      f'init_from = "gpt2-medium"\nout_dir = "{adapter_run}"\n')
     missing = tmp_path / "missing.py"
     missing.write_text(f'include("{REPO / "config/lora_e2e.py"}")\n'
                        f'init_from = "{base_run}"\nout_dir = "{tmp_path / "nothing"}"\n')
