@@ -15,6 +15,6 @@ step() {  # step NAME COMMAND...: run, log, time
 step prepare_corpus python data/text/prepare.py --src '../shared/data/corpus/*.txt' --out_dir data/corpus
 step prepare_e2e python data/e2e/prepare.py --src ../shared/data/e2e/e2e-dataset.zip
 step pretrain python train.py config/pretrain_small.py --progress=False
-step sample python sample.py --prompts prompts.txt --ckpt out/pretrain_small --greedy --max_new_tokens 40
+step sample python sample.py --prompts prompts.txt --ckpt out/pretrain_small --max_new_tokens 40
 step finetune python finetune.py config/lora_e2e_small.py --progress=False
 step e2e_eval python e2e_eval.py --configs config/lora_e2e_small.py --out_dir out/e2e_eval_small
