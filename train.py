@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import UserError, load_config, run_main
+from common import UserError, load_config, load_model, run_main
 from model import GPT, GPTConfig
 from trainer import TrainConfig, check_out_dir, fit, setup_runtime, teardown
 
@@ -76,8 +76,6 @@ def build_model(cfg: PretrainConfig, resume_from: Path | None) -> GPT:
     if cfg.init_from == "scratch":
         return GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
                              dropout=cfg.dropout, bias=cfg.bias, attn_impl=cfg.attn_impl))
-    from common import load_model
-
     return load_model(cfg.init_from, **runtime)
 
 
