@@ -33,12 +33,6 @@ def left_pad(prompts, fill: int, device):
     return idx, (torch.tensor(pads, device=device) if any(pads) else None)
 
 
-def _check_context(model, prompt_len: int, max_new_tokens: int) -> None:
-    if prompt_len + max_new_tokens > model.config.block_size:
-        raise UserError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                        f"context of {model.config.block_size} tokens")
-
-
 def _strip(tokens: list[int], eos: int) -> list[int]:
     return tokens[:tokens.index(eos)] if eos in tokens else tokens
 
@@ -122,7 +116,7 @@ def beam_search(model, prompts: list[list[int]], beam_size: int = 10, length_pen
     device = model.lm_head.weight.device
     idx, pad = left_pad(prompts, eos, device)
     B, T = idx.shape
-    _check_context(model, T, N)
+    model.check_room(T, N)
 
     def gather_beams(x, index):  # x (A, M) or (A, M, N): the beams `index` (A, J) of each prompt
         return x.gather(1, index) if x.dim() == 2 else x.gather(1, index[..., None].expand(-1, -1, x.size(2)))
@@ -189,7 +183,6 @@ def sample(model, prompts: list[list[int]], max_new_tokens: int = 64, eos: int =
            generator: torch.Generator | None = None) -> list[list[int]]:
     """Greedy or sampled continuations of all prompts in one batch (`model.generate`), EOT stripped."""
     idx, pad = left_pad(prompts, eos, model.lm_head.weight.device)
-    _check_context(model, idx.size(1), max_new_tokens)
     with _eval_mode(model):
         out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                              greedy=greedy, stop_token=eos, generator=generator, pad=pad)

@@ -264,6 +264,12 @@ class GPT(nn.Module):
         dtype = torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(p.device.type) else p.dtype
         return KVCache(self.config, batch_size, max_len, p.device, dtype, pad)
 
+    def check_room(self, prompt_len: int, max_new_tokens: int) -> None:
+        """Fail with one line when a prompt and its continuation cannot fit the context."""
+        if prompt_len + max_new_tokens > self.config.block_size:
+            raise UserError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                            f"model's context of {self.config.block_size} tokens")
+
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, greedy: bool = False, stop_token: int | None = None,
@@ -276,9 +282,7 @@ class GPT(nn.Module):
         sequence: slower, the same tokens.
         """
         B, T = idx.shape
-        if T + max_new_tokens > self.config.block_size:
-            raise UserError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                            f"context of {self.config.block_size} tokens")
+        self.check_room(T, max_new_tokens)
         cache = self.new_cache(B, T + max_new_tokens, pad) if use_cache else None
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         step_input = idx
