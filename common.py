@@ -4,6 +4,7 @@ import ast
 import dataclasses
 import os
 import sys
+import types
 import typing
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def _field_types(cls) -> dict[str, type]:
 def _coerce(key: str, value, typ):
     """Check `value` against the field's type, allowing int for float and None for Optional."""
     origin, args = typing.get_origin(typ), typing.get_args(typ)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         typ = next(a for a in args if a is not type(None))
