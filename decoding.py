@@ -14,12 +14,14 @@ import math
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 
 from common import UserError
 from tokenizer import EOT
 
 METHODS = ("beam", "greedy", "sample")
 ROWS_PER_BATCH = {"cpu": 100, "cuda": 512}  # sequences decoded side by side (prompts × beams)
+VOCAB_CHUNK = 8192  # vocabulary columns per chunk of logits in beam search on a CPU
 
 
 def left_pad(prompts, fill: int, device):
@@ -48,20 +50,54 @@ def _eval_mode(model):
         model.train(was_training)
 
 
-def ban_repeated_ngrams(logprobs, generated, n: int):
+def ban_repeated_ngrams(logprobs, generated, n: int, offset: int = 0):
     """Set to -inf, in place, every token that would complete an n-gram already in its row.
 
     logprobs (R, V) and generated (R, t): the tokens each row has generated so far. An earlier
     n-gram whose first n-1 tokens equal the row's last n-1 tokens bans its last token.
+    logprobs may be a slice of the vocabulary: its column j is token offset + j.
     """
     t = generated.size(1)
     if n <= 0 or t < n:
         return logprobs
     grams = generated.unfold(1, n, 1)  # (R, t-n+1, n): every complete n-gram so far
     hit = (grams[:, :, :-1] == generated[:, None, t - n + 1:]).all(-1)
+    col = grams[:, :, -1] - offset
+    hit &= (col >= 0) & (col < logprobs.size(1))
     # A min-scatter of -inf (hit) or +inf (no hit): a token listed twice in a row, once hit and
     # once not, still ends at -inf, which a plain scatter would not guarantee.
-    return logprobs.scatter_reduce_(1, grams[:, :, -1], torch.where(hit, -math.inf, math.inf), reduce="amin")
+    return logprobs.scatter_reduce_(1, col.clamp(0, logprobs.size(1) - 1), torch.where(hit, -math.inf, math.inf),
+                                    reduce="amin")
+
+
+def top_next_tokens(weight, h, k: int, generated, no_repeat_ngram_size: int):
+    """Each row's k likeliest next tokens, as (log-probs, token ids), float32 (R, k) each.
+
+    weight (V, C) is the LM head and h (R, C) the rows' last hidden states; tokens that would
+    repeat an n-gram of `generated` (R, t) are banned (-inf) after the log-softmax, so they
+    still count in its normaliser. On a CPU the head works through the vocabulary a chunk at a
+    time, each chunk reduced to its log-sum-exp and its top k while still in cache: a whole
+    (R, V) block of logits would go through main memory for the log-softmax, again for the
+    top-k, at about the cost of the projection itself.
+    """
+    V = weight.size(0)
+    chunk = V if h.is_cuda else VOCAB_CHUNK
+    maxes, sums, values, ids = [], [], [], []
+    for start in range(0, V, chunk):
+        logits = F.linear(h, weight[start:start + chunk]).float()
+        m = logits.amax(-1, keepdim=True)
+        maxes.append(m)
+        sums.append((logits - m).exp_().sum(-1, keepdim=True))
+        ban_repeated_ngrams(logits, generated, no_repeat_ngram_size, start)
+        v, i = logits.topk(min(k, logits.size(1)))
+        values.append(v)
+        ids.append(i + start)
+    # log-sum-exp of the whole row from the chunks' maxima and sums
+    m = torch.cat(maxes, 1)
+    top = m.amax(1, keepdim=True)
+    lse = top + (torch.cat(sums, 1) * (m - top).exp()).sum(1, keepdim=True).log()
+    v, j = torch.cat(values, 1).topk(min(k, V))
+    return v - lse, torch.cat(ids, 1).gather(1, j)
 
 
 def stay_in_place(parents):
@@ -113,7 +149,8 @@ def beam_search(model, prompts: list[list[int]], beam_size: int = 10, length_pen
     K, N, lp = beam_size, max_new_tokens, length_penalty
     if K < 1 or N < 1:
         raise UserError(f"beam_size ({beam_size}) and max_new_tokens ({max_new_tokens}) must be at least 1")
-    device = model.lm_head.weight.device
+    weight = model.lm_head.weight  # with LoRA on the head: its effective weight, computed once
+    device = weight.device
     idx, pad = left_pad(prompts, eos, device)
     B, T = idx.shape
     model.check_room(T, N)
@@ -139,14 +176,14 @@ def beam_search(model, prompts: list[list[int]], beam_size: int = 10, length_pen
 
         for t in range(N):
             A = live.numel()
-            logp = model.lm_head(h).float().log_softmax(-1)  # (A*K, V)
-            if t == 0:  # the K beams of a prompt start alike: its one row of log-probs serves them all
-                logp = logp[rows]
-            if no_repeat_ngram_size > 0:
-                ban_repeated_ngrams(logp, seqs.view(A * K, N)[:, :t], no_repeat_ngram_size)
-            V = logp.size(-1)
-            top, ids = (beam_scores.view(-1, 1) + logp).view(A, K * V).topk(min(2 * K, K * V))
-            src, tok = ids // V, ids % V  # the beam each candidate extends, and its new token
+            generated = seqs.view(A * K, N)[:, :t] if t else seqs[:, 0, :0]  # one row per row of h
+            logp, ids = top_next_tokens(weight, h, 2 * K, generated, no_repeat_ngram_size)
+            if t == 0:  # the K beams of a prompt start alike: its one row of candidates serves them all
+                logp, ids = logp[rows], ids[rows]
+            # The best 2K of a prompt's K x V candidates are among the best 2K of each beam's row.
+            M = logp.size(1)
+            top, j = (beam_scores.view(-1, 1) + logp).view(A, K * M).topk(min(2 * K, K * M))
+            src, tok = j // M, ids.view(A, K * M).gather(1, j)  # the beam each candidate extends, and its token
             cand = gather_beams(seqs, src)
             cand[:, :, t] = tok
 
@@ -164,14 +201,14 @@ def beam_search(model, prompts: list[list[int]], beam_size: int = 10, length_pen
             keep = gather_beams(keep, stay_in_place(gather_beams(src, keep)))
             beam_scores, src, tok, seqs = (gather_beams(x, keep) for x in (running, src, tok, cand))
 
-            groups = torch.arange(A, device=device)
+            groups, shared = torch.arange(A, device=device), T  # a prompt's beams share its T positions
             done = fin_top[:, -1] >= beam_scores.max(1).values / (t + 1) ** lp
             if done.any():
-                groups = (~done).nonzero().squeeze(1)
+                groups, shared = (~done).nonzero().squeeze(1), 0  # rows now also move between prompts
                 if groups.numel() == 0:
                     break
                 live, beam_scores, seqs, src, tok = (x[groups] for x in (live, beam_scores, seqs, src, tok))
-            cache.reorder((groups[:, None] * K + src).view(-1))
+            cache.reorder((groups[:, None] * K + src).view(-1), start=shared)
             h = model.hidden_states(tok.view(-1, 1), cache)[:, -1]
 
     return [_strip(s, eos) for s in fin_seqs[:, 0].tolist()]

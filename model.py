@@ -162,19 +162,28 @@ class KVCache:
             allowed = allowed & (real | (kpos == q))
         return allowed.unsqueeze(-3) if allowed.dim() == 3 else allowed
 
-    def reorder(self, index):
+    def reorder(self, index, start: int = 0):
         """Keep rows `index`, in that order (beam search: continue the surviving hypotheses).
 
-        When the number of rows stays, only the rows that change are copied, and only their
-        filled positions: copying the whole preallocated cache would cost more than a step.
+        Rows move within the buffers, only those that change and only their positions from
+        `start` on: the caller vouches that a row and the row it takes agree before `start`
+        (beam search: the beams of one prompt share the prompt's keys and values). Copying
+        whole rows of the preallocated cache would cost more than a step. More rows than the
+        buffers hold (beam search's first step: a row per beam) take new buffers.
         """
-        if index.numel() == self.k.size(1):
-            moved = (index != torch.arange(index.numel(), device=index.device)).nonzero().squeeze(1)
-            src, n = index[moved], self.len
-            for cache in (self.k, self.v):
-                cache[:, moved, :, :n] = cache[:, src, :, :n]  # the right side is gathered first: overlap is safe
+        rows = torch.arange(index.numel(), device=index.device)
+        old_k, old_v = self.k, self.v
+        if index.numel() > self.k.size(1):
+            self.k = old_k.new_empty((old_k.size(0), index.numel(), *old_k.shape[2:]))
+            self.v = old_v.new_empty(self.k.shape)
+            moved, start = rows, 0
         else:
-            self.k, self.v = self.k[:, index], self.v[:, index]
+            moved = (index != rows).nonzero().squeeze(1)
+        src, n = index[moved], self.len
+        for layer in range(self.k.size(0)):  # a layer at a time, so the gathered rows stay in cache
+            for new, old in ((self.k, old_k), (self.v, old_v)):
+                new[layer, moved, :, start:n] = old[layer, src, :, start:n]  # gathered first: overlap is safe
+        self.k, self.v = self.k[:, :index.numel()], self.v[:, :index.numel()]
         if self.pad is not None:
             self.pad = self.pad[index]
 

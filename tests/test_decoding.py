@@ -74,9 +74,11 @@ def reference_beam_search(model, prompt, beam_size, length_penalty, ngram, max_n
     return best[:-1] if best[-1] == eos else best
 
 
-@pytest.mark.parametrize(("vocab", "seed", "eos", "length_penalty", "ngram"),
-                         [(12, 0, 0, 0.0, 0), (12, 0, 0, 0.8, 2), (12, 0, 0, 2.0, 4), (20, 1, 5, 0.8, 3)])
-def test_beam_search_follows_the_reference(vocab, seed, eos, length_penalty, ngram):
+@pytest.mark.parametrize(("vocab", "seed", "eos", "length_penalty", "ngram", "chunk"),
+                         [(12, 0, 0, 0.0, 0, 8192), (12, 0, 0, 0.8, 2, 8192), (12, 0, 0, 2.0, 4, 8192),
+                          (20, 1, 5, 0.8, 3, 8192), (20, 1, 5, 0.8, 3, 7), (12, 0, 0, 0.8, 2, 2)])
+def test_beam_search_follows_the_reference(vocab, seed, eos, length_penalty, ngram, chunk, monkeypatch):
+    monkeypatch.setattr(decoding, "VOCAB_CHUNK", chunk)  # below the vocabulary: the head works in chunks
     model = tiny_model(vocab, seed=seed)
     prompts = random_prompts([3, 11, 1, 6, 8, 2], vocab, eos, seed=5)
     kw = dict(beam_size=3, length_penalty=length_penalty, no_repeat_ngram_size=ngram, max_new_tokens=20, eos=eos)
@@ -131,10 +133,31 @@ def test_ban_repeated_ngrams_matches_a_plain_loop():
             generated = torch.tensor([[rng.randrange(vocab) for _ in range(t)] for _ in range(6)], dtype=torch.long)
             logp = torch.randn(6, vocab)
             banned = ban_repeated_ngrams(logp.clone(), generated.view(6, t), n).isinf()
+            # the same ban applied to two slices of the vocabulary
+            sliced = torch.cat([ban_repeated_ngrams(logp[:, :2].clone(), generated, n),
+                                ban_repeated_ngrams(logp[:, 2:].clone(), generated, n, offset=2)], 1)
+            assert torch.equal(sliced.isinf(), banned)
             for row, seq in enumerate(generated.tolist()):
                 suffix = seq[t - n + 1:] if t >= n else None  # no complete n-gram yet: nothing banned
                 want = {seq[i + n - 1] for i in range(t - n + 1) if seq[i:i + n - 1] == suffix}
                 assert set(banned[row].nonzero().flatten().tolist()) == want
+
+
+@pytest.mark.parametrize("chunk", [3, 7, 64])
+def test_top_next_tokens_match_a_whole_row_log_softmax(chunk, monkeypatch):
+    monkeypatch.setattr(decoding, "VOCAB_CHUNK", chunk)
+    torch.manual_seed(0)
+    weight, h = torch.randn(40, 16), torch.randn(6, 16) * 3
+    generated = torch.randint(0, 40, (6, 30))
+    generated[:, -2:] = generated[:, 4:6]  # every row repeats a 2-gram prefix: something is banned
+    logp = torch.nn.functional.linear(h, weight).log_softmax(-1)
+    unbanned = logp.topk(9).indices
+    want = ban_repeated_ngrams(logp, generated, 3).topk(9)
+    assert not torch.equal(want.indices, unbanned)  # the ban changes the answer
+    got, ids = decoding.top_next_tokens(weight, h, 9, generated, 3)
+    torch.testing.assert_close(got, want.values, rtol=0, atol=1e-5)
+    assert torch.equal(ids, want.indices)
+    assert not want.values.isinf().any()  # the ban left nine tokens in every row
 
 
 def test_stay_in_place_leaves_one_child_of_each_parent_in_its_row():

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import model as model_module
 from common import UserError
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, KVCache
 
 transformers = pytest.importorskip("transformers", reason="transformers is the reference (test-only dependency)")
 
@@ -159,6 +159,32 @@ def test_kv_cache_generation_equals_uncached(tiny_model):
     sampled = [tiny_model.generate(idx, 20, temperature=0.9, top_k=20, top_p=0.9, use_cache=cached,
                                    generator=torch.Generator().manual_seed(3)) for cached in (True, False)]
     assert torch.equal(*sampled)
+
+
+def test_cache_reorder_equals_indexing_its_filled_positions():
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=8, block_size=16, vocab_size=10)
+    cache = KVCache(cfg, 3, 12, "cpu", torch.float32, pad=torch.tensor([0, 2, 1]))
+    for layer in range(2):
+        cache.store(layer, torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4))
+    cache.len = 5
+
+    def filled():
+        return cache.k[:, :, :, :cache.len].clone(), cache.v[:, :, :, :cache.len].clone(), cache.pad.clone()
+
+    # more rows (new buffers), a permutation with repeats, fewer rows; each as plain indexing would do
+    for index in ([0, 0, 1, 1, 2, 2], [1, 0, 0, 5, 4, 4], [0, 1, 5, 4]):
+        index = torch.tensor(index)
+        k, v, pad = filled()
+        want = k[:, index], v[:, index], pad[index]
+        cache.reorder(index)
+        for got, w in zip(filled(), want):
+            assert torch.equal(got, w)
+    # from `start` on only: the positions before stay as they were
+    k, v, _ = filled()
+    cache.reorder(torch.tensor([1, 0, 3, 2]), start=3)
+    assert torch.equal(cache.k[:, :, :, :3], k[:, :, :, :3])
+    assert torch.equal(cache.k[:, :, :, 3:5], k[:, [1, 0, 3, 2], :, 3:5])
+    assert torch.equal(cache.v[:, :, :, 3:5], v[:, [1, 0, 3, 2], :, 3:5])
 
 
 def test_left_padded_batch_equals_single_prompts(tiny_model):
