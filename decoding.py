@@ -21,7 +21,9 @@ from tokenizer import EOT
 
 METHODS = ("beam", "greedy", "sample")
 ROWS_PER_BATCH = {"cpu": 100, "cuda": 512}  # sequences decoded side by side (prompts × beams)
-VOCAB_CHUNK = 8192  # vocabulary columns per chunk of logits in beam search on a CPU
+# Beam search on a CPU projects the vocabulary a chunk at a time: of about HEAD_CHUNK weights of the LM
+# head (8 MB in float32), at most VOCAB_CHUNK entries (measured best for 128 to 1024 dims on 2 cores).
+HEAD_CHUNK, VOCAB_CHUNK = 2**21, 8192
 
 
 def left_pad(prompts, fill: int, device):
@@ -81,7 +83,7 @@ def top_next_tokens(weight, h, k: int, generated, no_repeat_ngram_size: int):
     top-k, at about the cost of the projection itself.
     """
     V = weight.size(0)
-    chunk = V if h.is_cuda else VOCAB_CHUNK
+    chunk = V if h.is_cuda else max(1, min(VOCAB_CHUNK, HEAD_CHUNK // weight.size(1)))
     maxes, sums, values, ids = [], [], [], []
     for start in range(0, V, chunk):
         logits = F.linear(h, weight[start:start + chunk]).float()

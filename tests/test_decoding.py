@@ -75,11 +75,11 @@ def reference_beam_search(model, prompt, beam_size, length_penalty, ngram, max_n
 
 
 @pytest.mark.parametrize(("vocab", "seed", "eos", "length_penalty", "ngram", "chunk"),
-                         [(12, 0, 0, 0.0, 0, 8192), (12, 0, 0, 0.8, 2, 8192), (12, 0, 0, 2.0, 4, 8192),
-                          (20, 1, 5, 0.8, 3, 8192), (20, 1, 5, 0.8, 3, 7), (12, 0, 0, 0.8, 2, 2)])
+                         [(12, 0, 0, 0.0, 0, 64), (12, 0, 0, 0.8, 2, 64), (12, 0, 0, 2.0, 4, 64),
+                          (20, 1, 5, 0.8, 3, 64), (20, 1, 5, 0.8, 3, 7), (12, 0, 0, 0.8, 2, 2)])
 def test_beam_search_follows_the_reference(vocab, seed, eos, length_penalty, ngram, chunk, monkeypatch):
-    monkeypatch.setattr(decoding, "VOCAB_CHUNK", chunk)  # below the vocabulary: the head works in chunks
     model = tiny_model(vocab, seed=seed)
+    monkeypatch.setattr(decoding, "HEAD_CHUNK", chunk * model.config.n_embd)  # chunk < vocab: several chunks
     prompts = random_prompts([3, 11, 1, 6, 8, 2], vocab, eos, seed=5)
     kw = dict(beam_size=3, length_penalty=length_penalty, no_repeat_ngram_size=ngram, max_new_tokens=20, eos=eos)
     assert beam_search(model, prompts, **kw) == [reference_beam_search(model, p, *kw.values()) for p in prompts]
@@ -145,7 +145,7 @@ def test_ban_repeated_ngrams_matches_a_plain_loop():
 
 @pytest.mark.parametrize("chunk", [3, 7, 64])
 def test_top_next_tokens_match_a_whole_row_log_softmax(chunk, monkeypatch):
-    monkeypatch.setattr(decoding, "VOCAB_CHUNK", chunk)
+    monkeypatch.setattr(decoding, "HEAD_CHUNK", chunk * 16)  # chunk vocabulary entries of 16 weights
     torch.manual_seed(0)
     weight, h = torch.randn(40, 16), torch.randn(6, 16) * 3
     generated = torch.randint(0, 40, (6, 30))

@@ -99,6 +99,17 @@ def test_baked_model_is_a_plain_gpt_with_the_update(tmp_path):
     assert torch.allclose(logits(GPT.from_file(tmp_path / "baked.safetensors").eval()), adapted, atol=1e-5)
 
 
+def test_beam_search_sees_an_unmerged_adapter_as_its_baked_model():
+    from decoding import beam_search
+
+    model = inject_lora(tiny(), LoRAConfig(targets=ALL))  # 'wte' included: the head's weight is adapted
+    randomize_b(model)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    kw = dict(beam_size=3, max_new_tokens=6, eos=0)
+    assert beam_search(model, prompts, **kw) == beam_search(bake_lora(copy.deepcopy(model)), prompts, **kw)
+    assert beam_search(model, prompts, **kw) != beam_search(tiny(), prompts, **kw)
+
+
 def test_only_lora_parameters_train():
     model = tiny()
     cfg = LoRAConfig(targets=ALL, dropout=0.0)
