@@ -10,8 +10,10 @@ GPT.from_pretrained, or with --model a model of ours (a run folder or a file; wi
 its LoRA adapter merged in) exported into transformers. With random
 weights the model almost never picks EOT, so every hypothesis runs to 64 tokens: the bench then
 measures the steady per-token cost, not early stopping (where ours also drops finished prompts
-from the batch). The two decoders take turns batch by batch, so that load from other processes
-on a shared machine falls on both alike; the table gives wall and CPU seconds.
+from the batch); `bash bench/beam_model.sh` trains a model of the study's shape whose outputs end
+as a fine-tuned model's do (--model out/e2e_lm_6l). The two decoders take turns batch by batch,
+so that load from other processes on a shared machine falls on both alike; the table gives wall
+and CPU seconds.
 
 Why the outputs can differ although the search is the same (scores are sum_logprob /
 n_generated**length_penalty with EOT counted, only the top `beam` of the 2·beam candidates
