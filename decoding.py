@@ -52,20 +52,27 @@ def _eval_mode(model):
         model.train(was_training)
 
 
-def ban_repeated_ngrams(logprobs, generated, n: int, offset: int = 0):
-    """Set to -inf, in place, every token that would complete an n-gram already in its row.
+def repeated_ngrams(generated, n: int):
+    """The tokens that would repeat an n-gram, per row of generated (R, t): (tokens, hit), each
+    (R, t-n+1), where hit marks the tokens banned, or None while no n-gram is complete.
 
-    logprobs (R, V) and generated (R, t): the tokens each row has generated so far. An earlier
-    n-gram whose first n-1 tokens equal the row's last n-1 tokens bans its last token.
-    logprobs may be a slice of the vocabulary: its column j is token offset + j.
+    An earlier n-gram whose first n-1 tokens equal the row's last n-1 tokens bans its last token.
     """
     t = generated.size(1)
     if n <= 0 or t < n:
-        return logprobs
+        return None
     grams = generated.unfold(1, n, 1)  # (R, t-n+1, n): every complete n-gram so far
-    hit = (grams[:, :, :-1] == generated[:, None, t - n + 1:]).all(-1)
-    col = grams[:, :, -1] - offset
-    hit &= (col >= 0) & (col < logprobs.size(1))
+    return grams[:, :, -1], (grams[:, :, :-1] == generated[:, None, t - n + 1:]).all(-1)
+
+
+def ban_repeated_ngrams(logprobs, repeats, offset: int = 0):
+    """Set to -inf, in place, the tokens `repeated_ngrams` banned in each row of logprobs (R, V).
+    logprobs may be a slice of the vocabulary: its column j is token offset + j."""
+    if repeats is None:
+        return logprobs
+    tokens, hit = repeats
+    col = tokens - offset
+    hit = hit & (col >= 0) & (col < logprobs.size(1))
     # A min-scatter of -inf (hit) or +inf (no hit): a token listed twice in a row, once hit and
     # once not, still ends at -inf, which a plain scatter would not guarantee.
     return logprobs.scatter_reduce_(1, col.clamp(0, logprobs.size(1) - 1), torch.where(hit, -math.inf, math.inf),
@@ -84,13 +91,14 @@ def top_next_tokens(weight, h, k: int, generated, no_repeat_ngram_size: int):
     """
     V = weight.size(0)
     chunk = V if h.is_cuda else max(1, min(VOCAB_CHUNK, HEAD_CHUNK // weight.size(1)))
+    repeats = repeated_ngrams(generated, no_repeat_ngram_size)  # once, for all chunks
     maxes, sums, values, ids = [], [], [], []
     for start in range(0, V, chunk):
         logits = F.linear(h, weight[start:start + chunk]).float()
         m = logits.amax(-1, keepdim=True)
         maxes.append(m)
         sums.append((logits - m).exp_().sum(-1, keepdim=True))
-        ban_repeated_ngrams(logits, generated, no_repeat_ngram_size, start)
+        ban_repeated_ngrams(logits, repeats, start)
         v, i = logits.topk(min(k, logits.size(1)))
         values.append(v)
         ids.append(i + start)

@@ -9,7 +9,7 @@ import torch
 
 import decoding
 from common import UserError
-from decoding import ban_repeated_ngrams, beam_search, decode, sample, stay_in_place
+from decoding import ban_repeated_ngrams, beam_search, decode, repeated_ngrams, sample, stay_in_place
 from model import GPT, GPTConfig
 
 
@@ -132,10 +132,11 @@ def test_ban_repeated_ngrams_matches_a_plain_loop():
         for t in range(0, 12):
             generated = torch.tensor([[rng.randrange(vocab) for _ in range(t)] for _ in range(6)], dtype=torch.long)
             logp = torch.randn(6, vocab)
-            banned = ban_repeated_ngrams(logp.clone(), generated.view(6, t), n).isinf()
+            banned = ban_repeated_ngrams(logp.clone(), repeated_ngrams(generated.view(6, t), n)).isinf()
             # the same ban applied to two slices of the vocabulary
-            sliced = torch.cat([ban_repeated_ngrams(logp[:, :2].clone(), generated, n),
-                                ban_repeated_ngrams(logp[:, 2:].clone(), generated, n, offset=2)], 1)
+            repeats = repeated_ngrams(generated, n)
+            sliced = torch.cat([ban_repeated_ngrams(logp[:, :2].clone(), repeats),
+                                ban_repeated_ngrams(logp[:, 2:].clone(), repeats, offset=2)], 1)
             assert torch.equal(sliced.isinf(), banned)
             for row, seq in enumerate(generated.tolist()):
                 suffix = seq[t - n + 1:] if t >= n else None  # no complete n-gram yet: nothing banned
@@ -152,7 +153,7 @@ def test_top_next_tokens_match_a_whole_row_log_softmax(chunk, monkeypatch):
     generated[:, -2:] = generated[:, 4:6]  # every row repeats a 2-gram prefix: something is banned
     logp = torch.nn.functional.linear(h, weight).log_softmax(-1)
     unbanned = logp.topk(9).indices
-    want = ban_repeated_ngrams(logp, generated, 3).topk(9)
+    want = ban_repeated_ngrams(logp, repeated_ngrams(generated, 3)).topk(9)
     assert not torch.equal(want.indices, unbanned)  # the ban changes the answer
     got, ids = decoding.top_next_tokens(weight, h, 9, generated, 3)
     torch.testing.assert_close(got, want.values, rtol=0, atol=1e-5)
