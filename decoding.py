@@ -26,11 +26,15 @@ ROWS_PER_BATCH = {"cpu": 100, "cuda": 512}  # sequences decoded side by side (pr
 HEAD_CHUNK, VOCAB_CHUNK = 2**21, 8192
 
 
+def check_prompts(prompts) -> None:
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise UserError("decoding needs at least one prompt, and every prompt needs at least one token")
+
+
 def left_pad(prompts, fill: int, device):
     """(B, T) long tensor of the prompts padded on the left with `fill`, and the (B,) padding per
     row, or None when every prompt has the same length (the cache then needs no mask)."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise UserError("decoding needs at least one prompt, and every prompt needs at least one token")
+    check_prompts(prompts)
     T = max(map(len, prompts))
     pads = [T - len(p) for p in prompts]
     idx = torch.tensor([[fill] * n + list(p) for n, p in zip(pads, prompts)], dtype=torch.long, device=device)
@@ -52,17 +56,21 @@ def _eval_mode(model):
         model.train(was_training)
 
 
-def repeated_ngrams(generated, n: int):
-    """The tokens that would repeat an n-gram, per row of generated (R, t): (tokens, hit), each
-    (R, t-n+1), where hit marks the tokens banned, or None while no n-gram is complete.
+def repeated_ngrams(generated, lengths, n: int):
+    """The tokens that would repeat an n-gram, per row of generated (R, L), whose row r holds its
+    continuation so far in its first lengths[r] columns: (tokens, hit), each (R, L-n+1), where
+    hit marks the tokens banned; None when the rows are too short for any n-gram.
 
     An earlier n-gram whose first n-1 tokens equal the row's last n-1 tokens bans its last token.
     """
-    t = generated.size(1)
-    if n <= 0 or t < n:
+    L = generated.size(1)
+    if n <= 0 or n > L:
         return None
-    grams = generated.unfold(1, n, 1)  # (R, t-n+1, n): every complete n-gram so far
-    return grams[:, :, -1], (grams[:, :, :-1] == generated[:, None, t - n + 1:]).all(-1)
+    grams = generated.unfold(1, n, 1)  # (R, L-n+1, n): every n-gram of the columns
+    steps = torch.arange(max(L - n + 1, n - 1), device=generated.device)
+    suffix = generated.gather(1, (lengths[:, None] - n + 1 + steps[:n - 1]).clamp(min=0))
+    complete = steps[:L - n + 1] <= lengths[:, None] - n  # the n-gram lies within the continuation
+    return grams[:, :, -1], (grams[:, :, :-1] == suffix[:, None]).all(-1) & complete
 
 
 def ban_repeated_ngrams(logprobs, repeats, offset: int = 0):
@@ -79,19 +87,20 @@ def ban_repeated_ngrams(logprobs, repeats, offset: int = 0):
                                     reduce="amin")
 
 
-def top_next_tokens(weight, h, k: int, generated, no_repeat_ngram_size: int):
+def top_next_tokens(weight, h, k: int, generated, lengths, no_repeat_ngram_size: int):
     """Each row's k likeliest next tokens, as (log-probs, token ids), float32 (R, k) each.
 
     weight (V, C) is the LM head and h (R, C) the rows' last hidden states; tokens that would
-    repeat an n-gram of `generated` (R, t) are banned (-inf) after the log-softmax, so they
-    still count in its normaliser. On a CPU the head works through the vocabulary a chunk at a
-    time, each chunk reduced to its log-sum-exp and its top k while still in cache: a whole
+    repeat an n-gram of a row's continuation (`repeated_ngrams` of generated and lengths) are
+    banned (-inf) after the log-softmax, so they still count in its normaliser. On a CPU the
+    head works through the vocabulary a chunk at a time, each chunk reduced to its log-sum-exp
+    and its top k while still in cache: a whole
     (R, V) block of logits would go through main memory for the log-softmax, and again for the
     top-k (for the 128-dim model, a third of the projection's own time).
     """
     V = weight.size(0)
     chunk = V if h.is_cuda else max(1, min(VOCAB_CHUNK, HEAD_CHUNK // weight.size(1)))
-    repeats = repeated_ngrams(generated, no_repeat_ngram_size)  # once, for all chunks
+    repeats = repeated_ngrams(generated, lengths, no_repeat_ngram_size)  # once, for all chunks
     maxes, sums, values, ids = [], [], [], []
     for start in range(0, V, chunk):
         logits = F.linear(h, weight[start:start + chunk]).float()
@@ -108,6 +117,16 @@ def top_next_tokens(weight, h, k: int, generated, no_repeat_ngram_size: int):
     lse = top + (torch.cat(sums, 1) * (m - top).exp()).sum(1, keepdim=True).log()
     v, j = torch.cat(values, 1).topk(min(k, V))
     return v - lse, torch.cat(ids, 1).gather(1, j)
+
+
+def fill_holes(done):
+    """The groups to keep when the groups marked done (A,) leave: the first slots keep their
+    group where it goes on, and the last groups that go on move into the places of those done,
+    so that only their cache rows are copied."""
+    n = int((~done).sum())
+    order = torch.arange(n, device=done.device)
+    order[done[:n].nonzero().squeeze(1)] = (~done[n:]).nonzero().squeeze(1) + n
+    return order
 
 
 def stay_in_place(parents):
@@ -130,8 +149,9 @@ def stay_in_place(parents):
 
 @torch.inference_mode()
 def beam_search(model, prompts: list[list[int]], beam_size: int = 10, length_penalty: float = 0.8,
-                no_repeat_ngram_size: int = 4, max_new_tokens: int = 64, eos: int = EOT) -> list[list[int]]:
-    """The best continuation of each prompt under beam search, EOT stripped, all prompts in one batch.
+                no_repeat_ngram_size: int = 4, max_new_tokens: int = 64, eos: int = EOT,
+                max_live: int | None = None, on_done=None) -> list[list[int]]:
+    """The best continuation of each prompt under beam search, EOT stripped, in input order.
 
     Score: a finished hypothesis of n generated tokens (its EOT included) scores
     sum_logprob / n**length_penalty; one that reaches max_new_tokens without EOT is finished too.
@@ -141,16 +161,19 @@ def beam_search(model, prompts: list[list[int]], beam_size: int = 10, length_pen
     sum_logprob, gives beam_size × vocab candidates per prompt. Of the best 2·beam_size, those
     ending in EOT (or all of them, at the last step) are finished if they rank among the first
     beam_size (transformers' rule, which makes beam_size=1 exactly greedy), and the best
-    beam_size that do not end in EOT run on. At the first step only one beam per prompt is live,
-    so that the beams are distinct.
+    beam_size that do not end in EOT run on. At a prompt's first step only one of its beams is
+    live, so that the beams are distinct.
 
     Stopping rule (transformers' early_stopping=False heuristic): after generating t tokens, a
     prompt is done when the worst of its kept finished hypotheses scores at least
     best_running_sum_logprob / t**length_penalty. Until it holds beam_size finished hypotheses
     its worst is -inf, so it goes on unless no running beam is left (all at -inf). With
     length_penalty > 0 a longer continuation could still score higher: a heuristic, not a bound.
-    Done prompts leave the batch (their cache rows are dropped); decoding ends when every
-    prompt is done, or at max_new_tokens.
+
+    Batching: up to `max_live` prompts (default: all) are decoded side by side, each at its own
+    step; when one is done, its cache rows go to the next prompt in line, so that the batch
+    stays full to the end instead of running on with fewer and fewer rows (continuous batching).
+    `on_done(n)` hears of every n prompts done, for a progress bar.
 
     No-repeat n-gram: a beam may not repeat an n-gram of its own continuation; the prompt does
     not count (unlike transformers), so that an output can copy a multi-token name such as
@@ -159,69 +182,101 @@ def beam_search(model, prompts: list[list[int]], beam_size: int = 10, length_pen
     K, N, lp = beam_size, max_new_tokens, length_penalty
     if K < 1 or N < 1:
         raise UserError(f"beam_size ({beam_size}) and max_new_tokens ({max_new_tokens}) must be at least 1")
+    check_prompts(prompts)
+    model.check_room(max(map(len, prompts)), N)
+    max_live = len(prompts) if max_live is None else max_live
+    if max_live < 1:
+        raise UserError(f"max_live must be at least 1, not {max_live}")
     weight = model.lm_head.weight  # with LoRA on the head: its effective weight, computed once
     device = weight.device
-    idx, pad = left_pad(prompts, eos, device)
-    B, T = idx.shape
-    model.check_room(T, N)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    waiting = list(range(len(prompts)))[::-1]  # next prompt last
 
-    def gather_beams(x, index):  # x (A, M) or (A, M, N): the beams `index` (A, J) of each prompt
+    def gather_beams(x, index):  # x (A, M) or (A, M, N): the beams `index` (A, J) of each group
         return x.gather(1, index) if x.dim() == 2 else x.gather(1, index[..., None].expand(-1, -1, x.size(2)))
 
+    def grow(x, n, fill, *shape):  # x with n groups more, filled with `fill`
+        return torch.cat([x, torch.full((n, *shape), fill, dtype=x.dtype, device=device)])
+
     with _eval_mode(model):
-        cache = model.new_cache(B, T + N, pad)
-        # Read each prompt once, then copy its cache rows to its K beams.
-        h = model.hidden_states(idx, cache)[:, -1]
-        rows = torch.arange(B, device=device).repeat_interleave(K)
-        cache.reorder(rows)
-
-        # Running beams of the prompts still live (group a is prompt live[a]), in no particular order.
-        live = torch.arange(B, device=device)
-        beam_scores = torch.full((B, K), -math.inf, device=device)
-        beam_scores[:, 0] = 0.0
-        seqs = torch.full((B, K, N), eos, dtype=torch.long, device=device)  # generated tokens
-        # Finished hypotheses of every prompt, best first.
-        fin_scores = torch.full((B, K), -math.inf, device=device)
+        # Columns: the longest prompt and its continuation, and as many again, so that the
+        # columns that no row uses any more are given back only every N steps or so.
+        cache = model.new_cache(min(max_live, len(prompts)) * K, max(map(len, prompts)) + 2 * N,
+                                torch.zeros(0, dtype=torch.long, device=device), rows=0)
+        # Group a decodes prompt live[a] with K beams (cache rows a·K to a·K+K-1), of which
+        # steps[a] tokens are generated; finished hypotheses are kept best first.
+        live = torch.zeros(0, dtype=torch.long, device=device)
+        steps = torch.zeros_like(live)
+        beam_scores = torch.zeros(0, K, device=device)
+        fin_scores = torch.zeros(0, K, device=device)
+        seqs = torch.zeros(0, K, N, dtype=torch.long, device=device)
         fin_seqs = seqs.clone()
+        h = None  # the last hidden state of every cache row
 
-        for t in range(N):
+        while True:
+            new = [waiting.pop() for _ in range(min(len(waiting), max_live - live.numel()))]
+            if new:  # read the new prompts, and give each K rows of the cache
+                idx, pad = left_pad([prompts[i] for i in new], eos, device)
+                fresh = model.new_cache(len(new), idx.size(1), pad)
+                h_new = model.hidden_states(idx, fresh)[:, -1]
+                cache.insert(fresh, copies=K)
+                h = h_new if h is None else torch.cat([h, h_new])
+                B = len(new)
+                live = torch.cat([live, torch.tensor(new, device=device)])
+                steps, fin_scores = grow(steps, B, 0), grow(fin_scores, B, -math.inf, K)
+                seqs, fin_seqs = grow(seqs, B, eos, K, N), grow(fin_seqs, B, eos, K, N)
+                beam_scores = grow(beam_scores, B, -math.inf, K)
+                beam_scores[-B:, 0] = 0.0
             A = live.numel()
-            generated = seqs.view(A * K, N)[:, :t] if t else seqs[:, 0, :0]  # one row per row of h
-            logp, ids = top_next_tokens(weight, h, 2 * K, generated, no_repeat_ngram_size)
-            if t == 0:  # the K beams of a prompt start alike: its one row of candidates serves them all
-                logp, ids = logp[rows], ids[rows]
-            # The best 2K of a prompt's K x V candidates are among the best 2K of each beam's row.
+            if A == 0:
+                break
+
+            # h has a row per beam of the running groups, and one per new group: a new group's
+            # K beams start alike, and its one row of candidates serves them all.
+            generated, lengths = seqs.view(A * K, N), steps.repeat_interleave(K)
+            old = (A - len(new)) * K
+            first = torch.cat([torch.arange(old, device=device), torch.arange(old, A * K, K, device=device)])
+            logp, ids = top_next_tokens(weight, h, 2 * K, generated[first], lengths[first], no_repeat_ngram_size)
+            if new:
+                expand = torch.cat([torch.arange(old, device=device),
+                                    torch.arange(old, old + len(new), device=device).repeat_interleave(K)])
+                logp, ids = logp[expand], ids[expand]
+            # The best 2K of a group's K x V candidates are among the best 2K of each beam's row.
             M = logp.size(1)
             top, j = (beam_scores.view(-1, 1) + logp).view(A, K * M).topk(min(2 * K, K * M))
             src, tok = j // M, ids.view(A, K * M).gather(1, j)  # the beam each candidate extends, and its token
             cand = gather_beams(seqs, src)
-            cand[:, :, t] = tok
+            cand.scatter_(2, steps.view(A, 1, 1).expand(A, tok.size(1), 1), tok[..., None])
 
-            ends = (tok == eos) | (t == N - 1)
+            last = steps == N - 1
+            divisor = (steps + 1).float().pow(lp)[:, None]
+            ends = (tok == eos) | last[:, None]
             ends[:, K:] = False
-            new = torch.where(ends, top / (t + 1) ** lp, -math.inf)
-            fin_top, pick = torch.cat([fin_scores[live], new], 1).topk(K)
-            fin_scores[live] = fin_top
-            fin_seqs[live] = gather_beams(torch.cat([fin_seqs[live], cand], 1), pick)
-            if t == N - 1:
-                break
+            fin_scores, pick = torch.cat([fin_scores, torch.where(ends, top / divisor, -math.inf)], 1).topk(K)
+            fin_seqs = gather_beams(torch.cat([fin_seqs, cand], 1), pick)
 
             running = torch.where(tok == eos, -math.inf, top)
             keep = running.topk(K).indices
             keep = gather_beams(keep, stay_in_place(gather_beams(src, keep)))
             beam_scores, src, tok, seqs = (gather_beams(x, keep) for x in (running, src, tok, cand))
+            # A group's beams share the columns before its generated tokens.
+            cache.reorder((torch.arange(A, device=device)[:, None] * K + src).view(-1),
+                          start=cache.len - int(steps.max()))
+            steps = steps + 1
 
-            groups, shared = torch.arange(A, device=device), T  # a prompt's beams share its T positions
-            done = fin_top[:, -1] >= beam_scores.max(1).values / (t + 1) ** lp
+            done = last | (fin_scores[:, -1] >= beam_scores.max(1).values / divisor[:, 0])
             if done.any():
-                groups, shared = (~done).nonzero().squeeze(1), 0  # rows now also move between prompts
-                if groups.numel() == 0:
-                    break
-                live, beam_scores, seqs, src, tok = (x[groups] for x in (live, beam_scores, seqs, src, tok))
-            cache.reorder((groups[:, None] * K + src).view(-1), start=shared)
-            h = model.hidden_states(tok.view(-1, 1), cache)[:, -1]
+                for a in done.nonzero().flatten().tolist():
+                    outputs[live[a]] = _strip(fin_seqs[a, 0].tolist(), eos)
+                if on_done is not None:
+                    on_done(int(done.sum()))
+                order = fill_holes(done)
+                live, steps, beam_scores, fin_scores, seqs, fin_seqs, tok = (
+                    x[order] for x in (live, steps, beam_scores, fin_scores, seqs, fin_seqs, tok))
+                cache.reorder((order[:, None] * K + torch.arange(K, device=device)).view(-1))
+            h = model.hidden_states(tok.view(-1, 1), cache)[:, -1] if live.numel() else None
 
-    return [_strip(s, eos) for s in fin_seqs[:, 0].tolist()]
+    return outputs
 
 
 @torch.inference_mode()
@@ -247,9 +302,10 @@ def decode(model, prompts: list[list[int]], method: str = "beam", batch_size: in
     """Continuations of all prompts, EOT stripped, in input order.
 
     method: 'beam' (keywords of `beam_search`), 'greedy' or 'sample' (keywords of `sample`).
-    Prompts are batched by length, longest first, so that batches carry little padding and
-    the first batch shows the peak memory. batch_size counts prompts (default:
-    `default_batch_size`).
+    Prompts go in by length, longest first, so that rows side by side carry little padding and
+    the first ones show the peak memory. batch_size counts prompts decoded side by side
+    (default: `default_batch_size`); beam search takes the next prompt as soon as one is done,
+    greedy decoding and sampling go a batch at a time.
     """
     from tqdm import tqdm
 
@@ -259,17 +315,19 @@ def decode(model, prompts: list[list[int]], method: str = "beam", batch_size: in
         batch_size = default_batch_size(model, method, kw.get("beam_size", 10))
     if batch_size < 1:
         raise UserError(f"batch_size must be at least 1, not {batch_size}")
+    check_prompts(prompts)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    ordered = [prompts[i] for i in order]
     outputs: list[list[int]] = [[] for _ in prompts]
     with tqdm(total=len(prompts), desc=f"{method} decoding", unit="prompt", disable=not progress) as bar:
-        for start in range(0, len(order), batch_size):
-            ids = order[start:start + batch_size]
-            batch = [prompts[i] for i in ids]
-            if method == "beam":
-                results = beam_search(model, batch, **kw)
-            else:
-                results = sample(model, batch, greedy=method == "greedy", **kw)
-            for i, r in zip(ids, results):
-                outputs[i] = r
-            bar.update(len(ids))
+        if method == "beam":
+            results = beam_search(model, ordered, max_live=batch_size, on_done=bar.update, **kw)
+        else:
+            results = []
+            for start in range(0, len(ordered), batch_size):
+                batch = ordered[start:start + batch_size]
+                results += sample(model, batch, greedy=method == "greedy", **kw)
+                bar.update(len(batch))
+    for i, r in zip(order, results):
+        outputs[i] = r
     return outputs

@@ -72,6 +72,12 @@ def attention(q, k, v, mask, dropout_p: float, impl: str):
             _warn_once("the Triton attention kernel has no dropout: using PyTorch SDPA while attention dropout is on")
         else:
             return causal_attention(q, k, v)
+    if q.size(2) == 1 and not q.is_cuda and dropout_p == 0:
+        # Decoding on a CPU: for one query, two matmuls take ~40 % less time than SDPA's kernel.
+        scores = (q @ k.transpose(-1, -2)).float() * q.size(-1) ** -0.5
+        if mask is not None:
+            scores = scores.masked_fill(~mask, -math.inf)
+        return scores.softmax(-1).to(v.dtype) @ v
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
 
 
@@ -127,23 +133,34 @@ class Block(nn.Module):
 class KVCache:
     """Keys and values of the positions seen so far, so that each new token costs one step.
 
-    Rows of a batch may hold prompts of different lengths, padded on the left: `pad[b]`
-    positions of row b are padding, never attended to, and positions count from the first
-    real token.
+    The buffers hold up to `batch_size` rows of `max_len` columns; the first `rows` are in use.
+    Rows may hold sequences of different lengths, aligned on the right (the next token of
+    every row goes in column `len`): row b's first `pad[b]` columns are padding, never
+    attended to, and its positions count from its first real token. Beam search keeps rows
+    at different stages side by side: it drops or permutes rows (`reorder`) and appends new
+    prompts (`insert`). Columns before `lo` are padding in every row: attention skips them,
+    and they are given back when the buffers run out of columns (`make_room`).
     """
 
-    def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, device, dtype, pad=None):
+    def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, device, dtype, pad=None,
+                 rows: int | None = None):
         shape = (cfg.n_layer, batch_size, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pad = pad  # (B,) long tensor or None
-        self.len = 0  # positions filled
+        self.rows = batch_size if rows is None else rows
+        self.len = 0  # columns filled
+        self._set_pad(pad)  # (rows,) long tensor, or None: no padding
+
+    def _set_pad(self, pad) -> None:
+        self.pad = pad
+        self.lo = 0 if pad is None else int(pad.min()) if pad.numel() else self.len
 
     def store(self, layer: int, k, v):
+        """Write the keys and values of the next positions; return all those attended to."""
         end = self.len + k.size(2)
-        self.k[layer, :, :, self.len:end] = k
-        self.v[layer, :, :, self.len:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer, :self.rows, :, self.len:end] = k
+        self.v[layer, :self.rows, :, self.len:end] = v
+        return self.k[layer, :self.rows, :, self.lo:end], self.v[layer, :self.rows, :, self.lo:end]
 
     def positions(self, T: int, device):
         pos = torch.arange(self.len, self.len + T, device=device)
@@ -154,7 +171,7 @@ class KVCache:
         if self.pad is None and (T == 1 or self.len == 0):
             return None
         q = torch.arange(self.len, self.len + T, device=device)[:, None]
-        kpos = torch.arange(self.len + T, device=device)[None, :]
+        kpos = torch.arange(self.lo, self.len + T, device=device)[None, :]
         allowed = kpos <= q
         if self.pad is not None:
             # Padding is never a key, except to itself: a query with no key at all gives NaN.
@@ -162,30 +179,57 @@ class KVCache:
             allowed = allowed & (real | (kpos == q))
         return allowed.unsqueeze(-3) if allowed.dim() == 3 else allowed
 
-    def reorder(self, index, start: int = 0):
+    def make_room(self, T: int) -> None:
+        """Free columns for T more positions by dropping those that are padding in every row."""
+        if self.len + T > self.k.size(3):
+            self._shift(-self.lo)
+        if self.len + T > self.k.size(3):
+            raise RuntimeError(f"KV cache of {self.k.size(3)} columns is full ({self.len} used, {T} more asked)")
+
+    def _shift(self, offset: int) -> None:
+        """Move the columns in use `offset` columns to the right (left if negative)."""
+        if offset == 0:
+            return
+        src, dst = slice(self.lo, self.len), slice(self.lo + offset, self.len + offset)
+        for buf in (self.k, self.v):
+            for layer in range(buf.size(0)):
+                buf[layer, :self.rows, :, dst] = buf[layer, :self.rows, :, src].clone()  # the ranges may overlap
+        pad = torch.zeros(self.rows, dtype=torch.long, device=self.k.device) if self.pad is None else self.pad
+        self.len += offset
+        self._set_pad(pad + offset)
+
+    def reorder(self, index, start: int = 0) -> None:
         """Keep rows `index`, in that order (beam search: continue the surviving hypotheses).
 
-        Rows move within the buffers, only those that change and only their positions from
+        Rows move within the buffers, only those that change and only their columns from
         `start` on: the caller vouches that a row and the row it takes agree before `start`
         (beam search: the beams of one prompt share the prompt's keys and values). Copying
-        whole rows of the preallocated cache would cost more than a step. More rows than the
-        buffers hold (beam search's first step: a row per beam) take new buffers.
+        whole rows would cost more than a step.
         """
-        rows = torch.arange(index.numel(), device=index.device)
-        old_k, old_v = self.k, self.v
-        if index.numel() > self.k.size(1):
-            self.k = old_k.new_empty((old_k.size(0), index.numel(), *old_k.shape[2:]))
-            self.v = old_v.new_empty(self.k.shape)
-            moved, start = rows, 0
-        else:
-            moved = (index != rows).nonzero().squeeze(1)
-        src, n = index[moved], self.len
+        moved = (index != torch.arange(index.numel(), device=index.device)).nonzero().squeeze(1)
+        src, start = index[moved], max(start, self.lo)
         for layer in range(self.k.size(0)):  # a layer at a time, so the gathered rows stay in cache
-            for new, old in ((self.k, old_k), (self.v, old_v)):
-                new[layer, moved, :, start:n] = old[layer, src, :, start:n]  # gathered first: overlap is safe
-        self.k, self.v = self.k[:, :index.numel()], self.v[:, :index.numel()]
-        if self.pad is not None:
-            self.pad = self.pad[index]
+            for buf in (self.k, self.v):
+                buf[layer, moved, :, start:self.len] = buf[layer, src, :, start:self.len]  # gathered first
+        self.rows = index.numel()
+        self._set_pad(None if self.pad is None else self.pad[index])
+
+    def insert(self, other: "KVCache", copies: int = 1) -> None:
+        """Append the rows of `other` (new prompts, read into a cache of their own), each `copies`
+        times, aligned so that they end where this cache's rows do."""
+        n = other.len
+        if n > self.len:
+            self._shift(n - self.len)
+        index = torch.arange(other.rows, device=self.k.device).repeat_interleave(copies)
+        rows = slice(self.rows, self.rows + index.numel())
+        for layer in range(self.k.size(0)):
+            self.k[layer, rows, :, self.len - n:self.len] = other.k[layer, index, :, :n]
+            self.v[layer, rows, :, self.len - n:self.len] = other.v[layer, index, :, :n]
+        zeros = index.new_zeros
+        old = zeros(self.rows) if self.pad is None else self.pad
+        new = (zeros(index.numel()) if other.pad is None else other.pad[index]) + self.len - n
+        self.rows = rows.stop
+        self._set_pad(torch.cat([old, new]))
 
 
 # ----------------------------------------------------------------------------- the model
@@ -225,9 +269,11 @@ class GPT(nn.Module):
     def hidden_states(self, idx, cache: KVCache | None = None):
         """The final LayerNorm's output (B, T, n_embd): what the LM head turns into logits."""
         B, T = idx.shape
-        start = cache.len if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise UserError(f"sequence of {start + T} tokens is longer than the model's context "
+        if cache is not None:
+            cache.make_room(T)
+        longest = T if cache is None else cache.len - cache.lo + T  # the row with the least padding
+        if longest > self.config.block_size:
+            raise UserError(f"sequence of {longest} tokens is longer than the model's context "
                             f"({self.config.block_size})")
         if cache is None:
             pos, mask = torch.arange(T, device=idx.device), None
@@ -268,10 +314,10 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------------- generation
 
-    def new_cache(self, batch_size: int, max_len: int, pad=None) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int, pad=None, rows: int | None = None) -> KVCache:
         p = self.transformer.wte.weight
         dtype = torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(p.device.type) else p.dtype
-        return KVCache(self.config, batch_size, max_len, p.device, dtype, pad)
+        return KVCache(self.config, batch_size, max_len, p.device, dtype, pad, rows)
 
     def check_room(self, prompt_len: int, max_new_tokens: int) -> None:
         """Fail with one line when a prompt and its continuation cannot fit the context."""

@@ -2,18 +2,19 @@
 
     python bench/beam.py [--n 20] [--batch 10] [--model RUN_OR_FILE [--adapter ADAPTER]] [--csv testset_w_refs.csv]
 
-Both decode the first --n MRs of the E2E test set (prompt: linearised MR + " ||"), in the same
-batches of --batch MRs padded on the left, with beam 10, length penalty 0.8, no repeated
-4-gram, at most 64 new tokens, stop at EOT, on the same weights, fp32, in one run: a random
-GPT-2 (GPTConfig's size by default) made by transformers and loaded into ours with
-GPT.from_pretrained, or with --model a model of ours (a run folder or a file; with --adapter
-its LoRA adapter merged in) exported into transformers. With random
-weights the model almost never picks EOT, so every hypothesis runs to 64 tokens: the bench then
-measures the steady per-token cost, not early stopping (where ours also drops finished prompts
-from the batch); `bash bench/beam_model.sh` trains a model of the study's shape whose outputs end
-as a fine-tuned model's do (--model out/e2e_lm_6l). The two decoders take turns batch by batch,
-so that load from other processes on a shared machine falls on both alike; the table gives wall
-and CPU seconds.
+Both decode the first --n MRs of the E2E test set (prompt: linearised MR + " ||") with beam 10,
+length penalty 0.8, no repeated 4-gram, at most 64 new tokens, stop at EOT, on the same
+weights, fp32, in one run, with at most --batch MRs side by side (padded on the left):
+transformers a batch at a time, ours taking the next MR as soon as one is done (continuous
+batching; --no-refill: a batch at a time as well). The weights: a random GPT-2 (GPTConfig's
+size by default) made by transformers and loaded into ours with GPT.from_pretrained, or with
+--model a model of ours (a run folder or a file; with --adapter its LoRA adapter merged in)
+exported into transformers. With random weights the model almost never picks EOT, so every
+hypothesis runs to 64 tokens: the bench then measures the steady per-token cost, not early
+stopping (where ours also drops finished MRs); `bash bench/beam_model.sh` trains a model of
+the study's shape whose outputs end as a fine-tuned model's do (--model out/e2e_lm_6l). The
+two decoders take turns, --round MRs each, so that load from other processes on a shared
+machine falls on both alike; the table gives wall and CPU seconds.
 
 Why the outputs can differ although the search is the same (scores are sum_logprob /
 n_generated**length_penalty with EOT counted, only the top `beam` of the 2·beam candidates
@@ -116,14 +117,16 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=20, help="MRs to decode (default: %(default)s)")
     parser.add_argument("--batch", type=int, default=10, help="MRs per batch (default: %(default)s)")
+    parser.add_argument("--round", type=int, default=100, help="MRs per turn of each decoder (default: %(default)s)")
+    parser.add_argument("--no-refill", action="store_true", help="ours a batch at a time too (no continuous batching)")
     parser.add_argument("--model", help="a model of ours: run folder or .safetensors (default: random weights)")
     parser.add_argument("--adapter", type=Path, help="with --model: a LoRA adapter to merge into it")
     parser.add_argument("--csv", type=Path, default=DEFAULT_CSV, help="E2E test set (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
-    if args.n < 1 or args.batch < 1:
-        raise UserError("--n and --batch must be at least 1")
+    if min(args.n, args.batch, args.round) < 1:
+        raise UserError("--n, --batch and --round must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -133,7 +136,6 @@ def main(argv=None) -> None:
 
     texts, reader = read_prompts(args.csv, args.n)
     prompts = encode_batch(texts)
-    batches = [prompts[i:i + args.batch] for i in range(0, len(prompts), args.batch)]
     if args.model:
         from common import load_model
         from lora import bake_lora, load_adapter
@@ -153,23 +155,29 @@ def main(argv=None) -> None:
         x = torch.tensor(prompts[:1])
         logit_gap = (ours(x)[0] - hf(x).logits).abs().max().item()
     # one small call each first, so that neither pays for one-time setup in the timing
-    beam_search(ours, batches[0][:2], **{**SEARCH, "max_new_tokens": 2})
-    hf_beam_search(hf, batches[0][:2], max_new_tokens=2)
+    beam_search(ours, prompts[:2], **{**SEARCH, "max_new_tokens": 2})
+    hf_beam_search(hf, prompts[:2], max_new_tokens=2)
 
-    decoders = {"ours (decoding.beam_search)": lambda b: beam_search(ours, b, **SEARCH, eos=EOT),
-                "transformers generate": lambda b: hf_beam_search(hf, b)}
+    def batch_by_batch(decode, mrs):
+        return [out for i in range(0, len(mrs), args.batch) for out in decode(mrs[i:i + args.batch])]
+
+    ours_name = f"ours (decoding.beam_search, {'a batch at a time' if args.no_refill else 'continuous batching'})"
+    decoders = {ours_name: (lambda r: batch_by_batch(lambda b: beam_search(ours, b, **SEARCH, eos=EOT), r))
+                if args.no_refill else (lambda r: beam_search(ours, r, **SEARCH, eos=EOT, max_live=args.batch)),
+                "transformers generate": lambda r: batch_by_batch(lambda b: hf_beam_search(hf, b), r)}
     outputs = {name: [] for name in decoders}
     wall, cpu = dict.fromkeys(decoders, 0.0), dict.fromkeys(decoders, 0.0)
     with torch.inference_mode():
-        for batch in batches:  # alternating, so that load from other processes falls on both alike
+        for start in range(0, len(prompts), args.round):  # taking turns, so that load falls on both alike
+            mrs = prompts[start:start + args.round]
             for name, run in decoders.items():
                 w, c = time.perf_counter(), time.process_time()
-                outputs[name] += run(batch)
+                outputs[name] += run(mrs)
                 wall[name] += time.perf_counter() - w
                 cpu[name] += time.process_time() - c
 
     n = len(prompts)
-    print(f"{n} E2E test MRs (read by {reader}), batches of {args.batch}, beam {SEARCH['beam_size']}, "
+    print(f"{n} E2E test MRs (read by {reader}), {args.batch} side by side, beam {SEARCH['beam_size']}, "
           f"length penalty {SEARCH['length_penalty']}, no-repeat {SEARCH['no_repeat_ngram_size']}-grams, "
           f"≤ {SEARCH['max_new_tokens']} new tokens; CPU fp32, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}, transformers {transformers.__version__}")

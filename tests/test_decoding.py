@@ -10,7 +10,7 @@ import torch
 import decoding
 from common import UserError
 from decoding import ban_repeated_ngrams, beam_search, decode, repeated_ngrams, sample, stay_in_place
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, KVCache
 
 
 def tiny_model(vocab: int, seed: int = 0, copying: bool = False) -> GPT:
@@ -127,19 +127,21 @@ def test_wide_beam_finds_the_exhaustive_best(vocab, max_new, ngram):
 
 def test_ban_repeated_ngrams_matches_a_plain_loop():
     rng = random.Random(0)
-    vocab = 5
+    vocab, L = 5, 12
     for n in (1, 2, 3, 4):
-        for t in range(0, 12):
-            generated = torch.tensor([[rng.randrange(vocab) for _ in range(t)] for _ in range(6)], dtype=torch.long)
+        for _ in range(20):
+            # rows of every length from 0 to L; the columns after a row's length hold junk
+            lengths = torch.tensor([rng.randrange(L + 1) for _ in range(6)])
+            generated = torch.tensor([[rng.randrange(vocab) for _ in range(L)] for _ in range(6)])
             logp = torch.randn(6, vocab)
-            banned = ban_repeated_ngrams(logp.clone(), repeated_ngrams(generated.view(6, t), n)).isinf()
+            repeats = repeated_ngrams(generated, lengths, n)
+            banned = ban_repeated_ngrams(logp.clone(), repeats).isinf()
             # the same ban applied to two slices of the vocabulary
-            repeats = repeated_ngrams(generated, n)
             sliced = torch.cat([ban_repeated_ngrams(logp[:, :2].clone(), repeats),
                                 ban_repeated_ngrams(logp[:, 2:].clone(), repeats, offset=2)], 1)
             assert torch.equal(sliced.isinf(), banned)
-            for row, seq in enumerate(generated.tolist()):
-                suffix = seq[t - n + 1:] if t >= n else None  # no complete n-gram yet: nothing banned
+            for row, (seq, t) in enumerate(zip(generated.tolist(), lengths.tolist())):
+                suffix = seq[t - n + 1:t] if t >= n else None  # no complete n-gram yet: nothing banned
                 want = {seq[i + n - 1] for i in range(t - n + 1) if seq[i:i + n - 1] == suffix}
                 assert set(banned[row].nonzero().flatten().tolist()) == want
 
@@ -149,13 +151,14 @@ def test_top_next_tokens_match_a_whole_row_log_softmax(chunk, monkeypatch):
     monkeypatch.setattr(decoding, "HEAD_CHUNK", chunk * 16)  # chunk vocabulary entries of 16 weights
     torch.manual_seed(0)
     weight, h = torch.randn(40, 16), torch.randn(6, 16) * 3
-    generated = torch.randint(0, 40, (6, 30))
-    generated[:, -2:] = generated[:, 4:6]  # every row repeats a 2-gram prefix: something is banned
+    generated, lengths = torch.randint(0, 40, (6, 30)), torch.arange(25, 31)
+    for row, t in enumerate(lengths):  # every row ends with its first 2-gram again: something is banned
+        generated[row, t - 2:t] = generated[row, 4:6]
     logp = torch.nn.functional.linear(h, weight).log_softmax(-1)
     unbanned = logp.topk(9).indices
-    want = ban_repeated_ngrams(logp, repeated_ngrams(generated, 3)).topk(9)
+    want = ban_repeated_ngrams(logp, repeated_ngrams(generated, lengths, 3)).topk(9)
     assert not torch.equal(want.indices, unbanned)  # the ban changes the answer
-    got, ids = decoding.top_next_tokens(weight, h, 9, generated, 3)
+    got, ids = decoding.top_next_tokens(weight, h, 9, generated, lengths, 3)
     torch.testing.assert_close(got, want.values, rtol=0, atol=1e-5)
     assert torch.equal(ids, want.indices)
     assert not want.values.isinf().any()  # the ban left nine tokens in every row
@@ -216,16 +219,39 @@ def test_done_prompts_leave_the_batch_and_decoding_stops_early(monkeypatch):
     assert outputs == [beam_search(model, [p], **kw)[0] for p in prompts]
 
 
-def test_decode_batches_by_length_and_returns_input_order(monkeypatch):
+def test_continuous_batching_decodes_each_prompt_as_alone(monkeypatch):
+    vocab, eos = 12, 0
+    model = tiny_model(vocab)
+    # short prompts first: a long one then comes into a cache whose rows are shorter than it
+    prompts = random_prompts([1, 2, 17, 3, 11, 6, 4, 9, 2, 13, 5, 7, 8], vocab, eos, seed=3)
+    kw = dict(beam_size=4, length_penalty=0.8, no_repeat_ngram_size=4, max_new_tokens=30, eos=eos)
+    alone = [beam_search(model, [p], **kw)[0] for p in prompts]
+    assert len({len(o) for o in alone}) > 5  # prompts are done at different steps
+
+    rows, shifts = [], []  # rows of each step's forward pass, and the cache's column shifts
+    forward, shift = model.hidden_states, KVCache._shift
+    monkeypatch.setattr(model, "hidden_states", lambda idx, cache: rows.append(idx.shape) or forward(idx, cache))
+    monkeypatch.setattr(KVCache, "_shift", lambda cache, n: shifts.append(n) or shift(cache, n))
+    done = []
+    assert beam_search(model, prompts, max_live=3, on_done=done.append, **kw) == alone
+    assert sum(done) == len(prompts)
+    assert any(n > 0 for n in shifts) and any(n < 0 for n in shifts)  # made room for a long prompt; gave back
+    steps = [B for B, T in rows if T == 1]
+    assert max(steps) == 3 * 4 and steps.count(3 * 4) > len(steps) // 2  # full while prompts wait
+    assert beam_search(model, prompts, max_live=1, **kw) == alone
+
+
+def test_decode_goes_longest_first_and_returns_input_order(monkeypatch):
     vocab, eos = 12, 0
     model = tiny_model(vocab)
     prompts = random_prompts([3, 11, 1, 6, 17, 4, 9], vocab, eos, seed=4)
     kw = dict(beam_size=3, max_new_tokens=12, eos=eos)
     want = [beam_search(model, [p], **kw)[0] for p in prompts]
-    batches = []
-    monkeypatch.setattr(decoding, "beam_search", lambda m, b, **k: batches.append(b) or beam_search(m, b, **k))
+    calls = []
+    monkeypatch.setattr(decoding, "beam_search", lambda m, b, **k: calls.append((b, k)) or beam_search(m, b, **k))
     assert decode(model, prompts, batch_size=3, progress=False, **kw) == want
-    assert [len(p) for b in batches for p in b] == [17, 11, 9, 6, 4, 3, 1] and len(batches) == 3
+    (batch, k), = calls
+    assert [len(p) for p in batch] == [17, 11, 9, 6, 4, 3, 1] and k["max_live"] == 3
     greedy = [sample(model, [p], greedy=True, max_new_tokens=12, eos=eos)[0] for p in prompts]
     assert decode(model, prompts, method="greedy", batch_size=2, progress=False, max_new_tokens=12, eos=eos) == greedy
     sampled = decode(model, prompts, method="sample", batch_size=2, progress=False, max_new_tokens=12, eos=eos,
@@ -245,5 +271,7 @@ def test_bad_requests_are_user_errors():
         beam_search(model, [[1], []], eos=11)
     with pytest.raises(UserError, match="context"):
         beam_search(model, [[1] * 10], max_new_tokens=60, eos=11)
+    with pytest.raises(UserError, match="max_live"):
+        beam_search(model, [[1]], max_new_tokens=5, max_live=0, eos=11)
     with pytest.raises(UserError, match="unknown decoding method"):
         decode(model, [[1]], method="nucleus")

@@ -163,15 +163,16 @@ def test_kv_cache_generation_equals_uncached(tiny_model):
 
 def test_cache_reorder_equals_indexing_its_filled_positions():
     cfg = GPTConfig(n_layer=2, n_head=2, n_embd=8, block_size=16, vocab_size=10)
-    cache = KVCache(cfg, 3, 12, "cpu", torch.float32, pad=torch.tensor([0, 2, 1]))
+    cache = KVCache(cfg, 6, 12, "cpu", torch.float32, pad=torch.tensor([0, 2, 1]), rows=3)
     for layer in range(2):
         cache.store(layer, torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4))
     cache.len = 5
 
     def filled():
-        return cache.k[:, :, :, :cache.len].clone(), cache.v[:, :, :, :cache.len].clone(), cache.pad.clone()
+        rows = slice(0, cache.rows)
+        return cache.k[:, rows, :, :cache.len].clone(), cache.v[:, rows, :, :cache.len].clone(), cache.pad.clone()
 
-    # more rows (new buffers), a permutation with repeats, fewer rows; each as plain indexing would do
+    # more rows (up to the buffers' size), a permutation with repeats, fewer rows; each as plain indexing would do
     for index in ([0, 0, 1, 1, 2, 2], [1, 0, 0, 5, 4, 4], [0, 1, 5, 4]):
         index = torch.tensor(index)
         k, v, pad = filled()
@@ -182,9 +183,37 @@ def test_cache_reorder_equals_indexing_its_filled_positions():
     # from `start` on only: the positions before stay as they were
     k, v, _ = filled()
     cache.reorder(torch.tensor([1, 0, 3, 2]), start=3)
-    assert torch.equal(cache.k[:, :, :, :3], k[:, :, :, :3])
-    assert torch.equal(cache.k[:, :, :, 3:5], k[:, [1, 0, 3, 2], :, 3:5])
-    assert torch.equal(cache.v[:, :, :, 3:5], v[:, [1, 0, 3, 2], :, 3:5])
+    assert torch.equal(cache.k[:, :4, :, :3], k[:, :, :, :3])
+    assert torch.equal(cache.k[:, :4, :, 3:5], k[:, [1, 0, 3, 2], :, 3:5])
+    assert torch.equal(cache.v[:, :4, :, 3:5], v[:, [1, 0, 3, 2], :, 3:5])
+
+
+def test_cache_insert_and_make_room_keep_every_rows_positions():
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=8, block_size=16, vocab_size=10)
+    cache = KVCache(cfg, 7, 10, "cpu", torch.float32, pad=torch.tensor([1, 3]), rows=2)
+    fresh = KVCache(cfg, 2, 7, "cpu", torch.float32, pad=torch.tensor([2, 0]))
+    for c, n in ((cache, 5), (fresh, 7)):
+        for layer in range(2):
+            c.store(layer, torch.randn(c.rows, 2, n, 4), torch.randn(c.rows, 2, n, 4))
+        c.len = n
+
+    def real(c, row):  # the keys and values of a row's own tokens, and the position of its next one
+        p = c.pad[row].item()
+        return c.k[:, row, :, p:c.len].clone(), c.v[:, row, :, p:c.len].clone(), c.positions(1, "cpu")[row].item()
+
+    before = [real(cache, r) for r in range(2)] + [real(fresh, r) for r in (0, 1, 1)]
+    cache.insert(fresh, copies=2)  # 7 columns into a cache of 5: its columns move right first
+    cache.reorder(torch.tensor([0, 1, 2, 4, 5]))
+    assert (cache.rows, cache.len, cache.lo) == (5, 7, 0)
+    for row, want in enumerate(before):
+        assert all(torch.equal(g, w) for g, w in zip(real(cache, row)[:2], want[:2])) and real(cache, row)[2] == want[2]
+    with pytest.raises(RuntimeError, match="full"):  # row 3 starts at column 0: nothing to give back
+        cache.make_room(4)
+    cache.reorder(torch.tensor([2, 0, 1]))
+    cache.make_room(4)  # the columns before the first token of every row go
+    assert (cache.len, cache.lo) == (5, 0)
+    for row, want in enumerate([before[2], before[0], before[1]]):
+        assert all(torch.equal(g, w) for g, w in zip(real(cache, row)[:2], want[:2])) and real(cache, row)[2] == want[2]
 
 
 def test_left_padded_batch_equals_single_prompts(tiny_model):
