@@ -233,10 +233,12 @@ def beam_search(model, prompts: list[list[int]], beam_size: int = 10, length_pen
 
             # h has a row per beam of the running groups, and one per new group: a new group's
             # K beams start alike, and its one row of candidates serves them all.
-            generated, lengths = seqs.view(A * K, N), steps.repeat_interleave(K)
+            generated, lengths = seqs.view(A * K, N)[:, :int(steps.max())], steps.repeat_interleave(K)
             old = (A - len(new)) * K
-            first = torch.cat([torch.arange(old, device=device), torch.arange(old, A * K, K, device=device)])
-            logp, ids = top_next_tokens(weight, h, 2 * K, generated[first], lengths[first], no_repeat_ngram_size)
+            if new:
+                first = torch.cat([torch.arange(old, device=device), torch.arange(old, A * K, K, device=device)])
+                generated, lengths = generated[first], lengths[first]
+            logp, ids = top_next_tokens(weight, h, 2 * K, generated, lengths, no_repeat_ngram_size)
             if new:
                 expand = torch.cat([torch.arange(old, device=device),
                                     torch.arange(old, old + len(new), device=device).repeat_interleave(K)])
