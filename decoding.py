@@ -268,8 +268,8 @@ def beam_search(model, prompts: list[list[int]], beam_size: int = 10, length_pen
 
             done = last | (fin_scores[:, -1] >= beam_scores.max(1).values / divisor[:, 0])
             if done.any():
-                for a in done.nonzero().flatten().tolist():
-                    outputs[live[a]] = _strip(fin_seqs[a, 0].tolist(), eos)
+                for i, best in zip(live[done].tolist(), fin_seqs[done, 0].tolist()):
+                    outputs[i] = _strip(best, eos)
                 if on_done is not None:
                     on_done(int(done.sum()))
                 order = fill_holes(done)
