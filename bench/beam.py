@@ -1,6 +1,7 @@
 """Beam-search speed: our decoding.beam_search against transformers' GPT2LMHeadModel.generate.
 
-    python bench/beam.py [--n 20] [--batch 10] [--model RUN_OR_FILE [--adapter ADAPTER]] [--csv testset_w_refs.csv]
+    python bench/beam.py [--n 20] [--batch 10] [--round 100] [--no-refill] [--model RUN_OR_FILE [--adapter ADAPTER]]
+                         [--csv testset_w_refs.csv]
 
 Both decode the first --n MRs of the E2E test set (prompt: linearised MR + " ||") with beam 10,
 length penalty 0.8, no repeated 4-gram, at most 64 new tokens, stop at EOT, on the same
