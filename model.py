@@ -145,6 +145,7 @@ class KVCache:
     def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, device, dtype, pad=None,
                  rows: int | None = None):
         shape = (cfg.n_layer, batch_size, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
+        # zeros, not empty: masked columns still enter attention's products with weight 0, and 0 x NaN is NaN
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.rows = batch_size if rows is None else rows
