@@ -162,9 +162,13 @@ def main(argv=None) -> None:
     def batch_by_batch(decode, mrs):
         return [out for i in range(0, len(mrs), args.batch) for out in decode(mrs[i:i + args.batch])]
 
+    def ours_run(mrs):
+        if args.no_refill:
+            return batch_by_batch(lambda b: beam_search(ours, b, **SEARCH, eos=EOT), mrs)
+        return beam_search(ours, mrs, **SEARCH, eos=EOT, max_live=args.batch)
+
     ours_name = f"ours (decoding.beam_search, {'a batch at a time' if args.no_refill else 'continuous batching'})"
-    decoders = {ours_name: (lambda r: batch_by_batch(lambda b: beam_search(ours, b, **SEARCH, eos=EOT), r))
-                if args.no_refill else (lambda r: beam_search(ours, r, **SEARCH, eos=EOT, max_live=args.batch)),
+    decoders = {ours_name: ours_run,
                 "transformers generate": lambda r: batch_by_batch(lambda b: hf_beam_search(hf, b), r)}
     outputs = {name: [] for name in decoders}
     wall, cpu = dict.fromkeys(decoders, 0.0), dict.fromkeys(decoders, 0.0)
