@@ -203,7 +203,7 @@ def beam_search(model, prompts: list[list[int]], beam_size: int = 10, length_pen
         # Columns: the longest prompt and its continuation, and as many again, so that the
         # columns that no row uses any more are given back only every N steps or so.
         cache = model.new_cache(min(max_live, len(prompts)) * K, longest + 2 * N,
-                                torch.zeros(0, dtype=torch.long, device=device), rows=0)
+                                torch.zeros(0, dtype=torch.long, device=device), rows=0, group=K)
         # Group a decodes prompt live[a] with K beams (cache rows a·K to a·K+K-1), of which
         # steps[a] tokens are generated; finished hypotheses are kept best first.
         live = torch.zeros(0, dtype=torch.long, device=device)
@@ -264,7 +264,9 @@ def beam_search(model, prompts: list[list[int]], beam_size: int = 10, length_pen
             keep = gather_beams(keep, stay_in_place(gather_beams(src, keep)))
             beam_scores, src, tok, seqs = (gather_beams(x, keep) for x in (running, src, tok, cand))
             # A group's beams share the columns before its generated tokens.
-            cache.reorder((torch.arange(A, device=device)[:, None] * K + src).view(-1), start=cache.len - t_max)
+            cache.own = t_max
+            cache.reorder((torch.arange(A, device=device)[:, None] * K + src).view(-1),
+                          start=cache.len - steps.repeat_interleave(K))
             steps = steps + 1
 
             done = last | (fin_scores[:, -1] >= beam_scores.max(1).values / divisor[:, 0])

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import model as model_module
 from common import UserError
-from model import GPT, GPTConfig, KVCache
+from model import GPT, GPTConfig, KVCache, attention
 
 transformers = pytest.importorskip("transformers", reason="transformers is the reference (test-only dependency)")
 
@@ -186,6 +186,35 @@ def test_cache_reorder_equals_indexing_its_filled_positions():
     assert torch.equal(cache.k[:, :4, :, :3], k[:, :, :, :3])
     assert torch.equal(cache.k[:, :4, :, 3:5], k[:, [1, 0, 3, 2], :, 3:5])
     assert torch.equal(cache.v[:, :4, :, 3:5], v[:, [1, 0, 3, 2], :, 3:5])
+    # a start per row (rows 2 and 3 take rows 0 and 1 from columns 2 and 4 on), straight row to row
+    k, v, _ = filled()
+    cache.reorder(torch.tensor([0, 1, 0, 1]), start=torch.tensor([0, 0, 2, 4]))
+    for buf, old in ((cache.k, k), (cache.v, v)):
+        assert torch.equal(buf[:, :2, :, :5], old[:, :2])
+        assert torch.equal(buf[:, 2, :, :2], old[:, 2, :, :2]) and torch.equal(buf[:, 2, :, 2:5], old[:, 0, :, 2:5])
+        assert torch.equal(buf[:, 3, :, :4], old[:, 3, :, :4]) and torch.equal(buf[:, 3, :, 4:5], old[:, 1, :, 4:5])
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_one_query_attention_reads_shared_keys_once_per_group_with_the_same_result(with_mask):
+    torch.manual_seed(0)
+    g, groups, H, S, T, D = 3, 4, 2, 5, 3, 8  # 4 groups of 3 rows share their first 5 keys and values
+    B = g * groups
+    k, v = (torch.randn(B, H, S + T, D, dtype=torch.float64) for _ in range(2))
+    for x in (k, v):
+        x[:, :, :S] = x[::g, :, :S].repeat_interleave(g, 0)
+    q = torch.randn(B, H, 1, D, dtype=torch.float64)
+    mask = None
+    if with_mask:  # shared padding in the shared columns, anything in the others, never all masked
+        shared_pad = (torch.rand(groups, 1, 1, S) > 0.4).repeat_interleave(g, 0)
+        mask = torch.cat([shared_pad, torch.rand(B, 1, 1, T) > 0.4], -1)
+        mask[..., -1] = True
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # float64; ours takes the softmax in float32
+    for shared in ((g, S), (g, 2), (1, 0), (g, 0)):
+        torch.testing.assert_close(attention(q, k, v, mask, 0.0, "sdpa", shared), want, rtol=0, atol=1e-6)
+    # it does read the shared columns from each group's first row only
+    k[1::g, :, :S] += 1.0
+    torch.testing.assert_close(attention(q, k, v, mask, 0.0, "sdpa", (g, S)), want, rtol=0, atol=1e-6)
 
 
 def test_cache_insert_and_make_room_keep_every_rows_positions():
