@@ -245,13 +245,13 @@ class KVCache:
         src = index[moved]
         starts = (start[moved] if torch.is_tensor(start) else torch.full_like(moved, start)).clamp(min=self.lo)
         dst, src_rows = moved.tolist(), src.tolist()
-        if set(dst).isdisjoint(src_rows):
-            # Row by row, straight from source to destination: a third of the time of indexing,
-            # which gathers the rows into a temporary first.
+        if not self.k.is_cuda and set(dst).isdisjoint(src_rows):
+            # On a CPU, row by row, straight from source to destination: a third of the time of
+            # indexing, which gathers the rows into a temporary first.
             for d, s, c in zip(dst, src_rows, starts.tolist()):
                 for buf in (self.k, self.v):
                     buf[:, d, :, c:self.len] = buf[:, s, :, c:self.len]
-        elif dst:  # some rows are read and overwritten: gather first
+        elif dst:  # gathered first: one copy per layer, and rows may be read and overwritten
             c = int(starts.min())
             for layer in range(self.k.size(0)):  # a layer at a time, so the gathered rows stay in cache
                 for buf in (self.k, self.v):
