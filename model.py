@@ -184,7 +184,7 @@ class KVCache:
 
     def shared_columns(self) -> tuple[int, int]:
         """(group, S): of the columns attention reads, the first S are the same in every row of a group."""
-        return self.group, max(0, self.len - self.own - self.lo) if self.group > 1 else 0
+        return self.group, max(0, self.len - self.own - self.lo)
 
     def _set_pad(self, pad) -> None:
         self.pad = pad
@@ -244,14 +244,13 @@ class KVCache:
         moved = (index != torch.arange(index.numel(), device=index.device)).nonzero().squeeze(1)
         src = index[moved]
         starts = (start[moved] if torch.is_tensor(start) else torch.full_like(moved, start)).clamp(min=self.lo)
-        dst, src_rows = moved.tolist(), src.tolist()
-        if not self.k.is_cuda and set(dst).isdisjoint(src_rows):
+        if not self.k.is_cuda and set(moved.tolist()).isdisjoint(src.tolist()):
             # On a CPU, row by row, straight from source to destination: a third of the time of
             # indexing, which gathers the rows into a temporary first.
-            for d, s, c in zip(dst, src_rows, starts.tolist()):
+            for d, s, c in zip(moved.tolist(), src.tolist(), starts.tolist()):
                 for buf in (self.k, self.v):
                     buf[:, d, :, c:self.len] = buf[:, s, :, c:self.len]
-        elif dst:  # gathered first: one copy per layer, and rows may be read and overwritten
+        elif moved.numel():  # gathered first: one copy per layer, and rows may be read and overwritten
             c = int(starts.min())
             for layer in range(self.k.size(0)):  # a layer at a time, so the gathered rows stay in cache
                 for buf in (self.k, self.v):
