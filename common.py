@@ -1,8 +1,20 @@
-"""Small pieces every entry point shares: user-facing errors and the config system."""
+"""What every entry point shares: one-line user errors, and the one configurator.
+
+A script's settings are a dataclass whose fields are declared with `setting(default, help,
+...)`: the help text, the allowed range or choices, all in one place. `load_config(cls, argv)`
+builds it from config files (plain Python that assigns some fields: `lr = 3e-4`; the files
+under config/) and command-line overrides, in order, later ones winning:
+
+    python train.py config/pretrain.py --lr=1e-3 --batch_size 16 --compile
+    python export.py out/pretrain --out hf/        # a script may take positional settings
+    python sample.py --help                        # every key, its default and what it does
+
+Every value is checked against its field's type and range before any work starts; a bad one
+stops with one line naming the key, the value and what is allowed.
+"""
 
 import ast
 import dataclasses
-import os
 import sys
 import types
 import typing
@@ -25,9 +37,15 @@ def run_main(main) -> None:
         sys.exit(130)
 
 
-# ----------------------------------------------------------------------------- config
-# A config is a dataclass of defaults. A config file is plain Python that assigns some
-# of its fields (`lr = 3e-4`); `--key=value` on the command line overrides both.
+# ----------------------------------------------------------------------------- declaring settings
+
+
+def setting(default, help: str, *, choices=None, at_least=None, above=None, at_most=None, below=None,
+            positional: bool = False):
+    """A config field: its default, a short description for --help, and what values are allowed."""
+    checks = {k: v for k, v in dict(choices=choices, at_least=at_least, above=above, at_most=at_most,
+                                    below=below).items() if v is not None}
+    return dataclasses.field(default=default, metadata={"help": help, "positional": positional, **checks})
 
 
 def _field_types(cls) -> dict[str, type]:
@@ -35,29 +53,67 @@ def _field_types(cls) -> dict[str, type]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+def _base_type(typ):
+    """(type, optional): the type a field holds, unwrapping `X | None`."""
+    if typing.get_origin(typ) in (typing.Union, types.UnionType):
+        args = typing.get_args(typ)
+        return next(a for a in args if a is not type(None)), type(None) in args
+    return typing.get_origin(typ) or typ, False
+
+
 def _coerce(key: str, value, typ):
     """Check `value` against the field's type, allowing int for float and None for Optional."""
-    origin, args = typing.get_origin(typ), typing.get_args(typ)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        typ = next(a for a in args if a is not type(None))
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+    base, optional = _base_type(typ)
+    if value is None and optional:
+        return None
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if typ is tuple and isinstance(value, list):
-        value = tuple(value)
-    base = typing.get_origin(typ) or typ
+    if base is tuple and isinstance(value, list | str):
+        value = tuple(value) if isinstance(value, list) else (value,)
     if not isinstance(value, base) or (base is int and isinstance(value, bool)):
-        raise UserError(f"config key '{key}' wants a {getattr(base, '__name__', base)}, got {value!r}")
+        raise UserError(f"config key '{key}' wants a {base.__name__}, got {value!r}")
     return value
 
 
-def _parse_value(text: str):
-    """`--key=value` values are Python literals; anything else is a string."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+def _parse_value(text: str, typ):
+    """A command-line value: text for a str field, a Python literal otherwise (a comma list for a tuple)."""
+    base, optional = _base_type(typ)
+    if optional and text == "None":
+        return None
+    if base is str:
         return text
+    if base is bool and text.lower() in ("true", "false", "yes", "no", "1", "0"):
+        return text.lower() in ("true", "yes", "1")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    if base is tuple and isinstance(value, str):
+        value = tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
+def check_settings(cfg) -> None:
+    """Every field within its declared range or choices, then the config's own `check()`, if any."""
+    for f in dataclasses.fields(cfg):
+        value, meta = getattr(cfg, f.name), f.metadata
+        if value is None:
+            continue
+        values = value if isinstance(value, tuple) else (value,)
+        if "choices" in meta:
+            bad = [v for v in values if v not in meta["choices"]]
+            if bad:
+                raise UserError(f"config key '{f.name}' is {bad[0]!r}; choose from {', '.join(map(repr, meta['choices']))}")
+        for rule, ok, words in (("at_least", lambda v, b: v >= b, "at least"), ("above", lambda v, b: v > b, "above"),
+                                ("at_most", lambda v, b: v <= b, "at most"), ("below", lambda v, b: v < b, "below")):
+            if rule in meta and not all(ok(v, meta[rule]) for v in values):
+                raise UserError(f"config key '{f.name}' is {value!r}; it must be {words} {meta[rule]}")
+    check = getattr(cfg, "check", None)
+    if check is not None:
+        check()
+
+
+# ----------------------------------------------------------------------------- config files
 
 
 def _run_config_file(path: Path, namespace: dict | None = None) -> dict:
@@ -83,121 +139,67 @@ def _run_config_file(path: Path, namespace: dict | None = None) -> dict:
             if not k.startswith("_") and not isinstance(v, type(sys)) and not callable(v)}
 
 
-def load_config(cls, argv: list[str]):
-    """Build a `cls` config from optional config files (positional) and --key=value overrides."""
-    types = _field_types(cls)
+def config_file_settings(path) -> dict:
+    """The raw settings a config file makes, for code that reads another script's config."""
+    return _run_config_file(Path(path))
+
+
+def usage(cls, doc: str | None = None) -> str:
+    """--help: the script's docstring, then every key with its default and description."""
+    lines = [doc.strip(), ""] if doc else []
+    fields = dataclasses.fields(cls)
+    pos = [f.name.upper() for f in fields if f.metadata.get("positional")]
+    script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "script.py"
+    lines.append(f"usage: python {script} {' '.join(pos) + ' ' if pos else ''}[CONFIG.py ...] [--key=value ...]")
+    lines.append("settings (default; what it does):")
+    for f in fields:
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        allowed = f.metadata.get("choices")
+        extra = f" [{'|'.join(map(str, allowed))}]" if allowed else ""
+        lines.append(f"  --{f.name}={default!r}{extra}".ljust(40) + f" {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def load_config(cls, argv: list[str], doc: str | None = None):
+    """Build a `cls` config from config files (`*.py`), positional settings and `--key=value` /
+    `--key value` overrides (a bare `--flag` sets a bool to True), then check it. `--help` prints
+    `usage` and exits. The keys that were set are kept in the config's `given` attribute."""
+    types_ = _field_types(cls)
+    positional = [f.name for f in dataclasses.fields(cls) if f.metadata.get("positional")]
     values: dict = {}
 
     def assign(key, value, origin):
-        if key not in types:
-            raise UserError(f"unknown config key '{key}' ({origin}); known keys: {', '.join(sorted(types))}")
-        values[key] = _coerce(key, value, types[key])
+        if key not in types_:
+            raise UserError(f"unknown config key '{key}' ({origin}); known keys: {', '.join(sorted(types_))}")
+        values[key] = _coerce(key, value, types_[key])
 
-    for arg in argv:
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg in ("-h", "--help"):
+            print(usage(cls, doc))
+            sys.exit(0)
         if arg.startswith("--"):
             key, sep, text = arg[2:].partition("=")
             if not sep:
-                raise UserError(f"override '{arg}' needs a value: write --{key}=VALUE")
-            assign(key, _parse_value(text), "command line")
-            continue
-        for key, value in _run_config_file(Path(arg)).items():
-            assign(key, value, arg)
-    return cls(**values)
-
-
-# ----------------------------------------------------------------------------- downloads
-
-CACHE_DIR = Path(os.environ.get("GPT2_STUDY_CACHE", Path.home() / ".cache" / "gpt2-study"))
-HF_GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-def download(url: str, dest: Path, offline_hint: str) -> Path:
-    """Fetch `url` to `dest` with a progress bar, written under a temporary name, then renamed.
-    When that fails, the error says what failed and `offline_hint`: how to do without the network."""
-    import urllib.error
-    import urllib.request
-
-    from tqdm import tqdm
-
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
-            total = int(r.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {dest.name}") as bar:
-                while chunk := r.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-    except (urllib.error.URLError, OSError) as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"could not download {url} ({getattr(e, 'reason', e)}); {offline_hint}") from e
-    os.replace(tmp, dest)
-    return dest
-
-
-def _hf_cached_snapshot(name: str) -> Path | None:
-    """A copy of `name` in the Hugging Face hub cache (e.g. left by transformers), if any."""
-    hub = Path(os.environ.get("HF_HUB_CACHE", Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
-                              / "hub"))
-    for repo in (f"models--openai-community--{name}", f"models--{name}"):
-        for snap in sorted((hub / repo / "snapshots").glob("*")):
-            if (snap / "config.json").exists() and any((snap / w).exists() for w in HF_WEIGHT_FILES):
-                return snap
-    return None
-
-
-def hf_model_dir(name_or_dir: str) -> Path:
-    """A folder with config.json and weights for a Hugging Face GPT-2: the given folder, a cached
-    copy, or a fresh download of config.json and model.safetensors from huggingface.co."""
-    path = Path(name_or_dir)
-    if path.is_dir():
-        if not (path / "config.json").exists():
-            raise UserError(f"{path} has no config.json: not a Hugging Face model folder")
-        return path
-    if name_or_dir not in HF_GPT2_NAMES:
-        raise UserError(f"'{name_or_dir}' is neither a folder nor one of {', '.join(HF_GPT2_NAMES)}")
-    cached = _hf_cached_snapshot(name_or_dir)
-    if cached:
-        return cached
-    folder = CACHE_DIR / "hf" / name_or_dir
-    hint = (f"offline: on a machine with internet, save config.json and model.safetensors from "
-            f"https://huggingface.co/openai-community/{name_or_dir} into a folder, copy it here and pass "
-            f"that folder instead of '{name_or_dir}'")
-    for file in ("config.json", "model.safetensors"):
-        if not (folder / file).exists():
-            download(f"https://huggingface.co/openai-community/{name_or_dir}/resolve/main/{file}", folder / file, hint)
-    return folder
-
-
-# ----------------------------------------------------------------------------- models
-
-# Where the study's pretraining runs leave their weights, latest first: a model to sample
-# from or fine-tune defaults to the newest that exists.
-STUDY_RUNS = ("out/pretrain_continue", "out/pretrain")
-
-
-def default_base() -> str:
-    for run in STUDY_RUNS:
-        if (Path(run) / "checkpoint" / "model.safetensors").exists():
-            return run
-    raise UserError(f"no pretrained model found in {' or '.join(STUDY_RUNS)}: train one with "
-                    f"python train.py config/pretrain.py, or pass another run folder or gpt2-medium")
-
-
-def load_model(spec: str, **overrides):
-    """A GPT from a run folder of ours (out_dir), a .safetensors file saved by GPT.save, or a
-    Hugging Face GPT-2 (folder or hub name). `overrides` set runtime fields (dropout, attn_impl)."""
-    from model import GPT
-
-    path = Path(spec)
-    if (path / "checkpoint" / "model.safetensors").exists():
-        path = path / "checkpoint" / "model.safetensors"
-    if path.is_dir() and (path / "model.safetensors").exists() and not (path / "config.json").exists():
-        path = path / "model.safetensors"
-    if path.suffix == ".safetensors" and path.is_file():
-        return GPT.from_file(path, **overrides)
-    if path.is_dir() and not (path / "config.json").exists():
-        raise UserError(f"{spec} holds no model: expected a run folder with checkpoint/model.safetensors, "
-                        f"or a Hugging Face folder with config.json")
-    return GPT.from_pretrained(spec, **overrides)
+                if key in types_ and _base_type(types_[key])[0] is bool:
+                    text = "True"
+                elif not args:
+                    raise UserError(f"override '{arg}' needs a value: write --{key}=VALUE")
+                else:
+                    text = args.pop(0)
+            if key not in types_:
+                assign(key, None, "command line")  # raises: unknown key
+            assign(key, _parse_value(text, types_[key]), "command line")
+        elif arg.endswith(".py"):
+            for key, value in _run_config_file(Path(arg)).items():
+                assign(key, value, arg)
+        elif positional:
+            key = positional.pop(0)
+            assign(key, _parse_value(arg, types_[key]), "command line")
+        else:
+            raise UserError(f"unexpected argument '{arg}': config files end in .py, settings are --key=value")
+    cfg = cls(**values)
+    cfg.given = frozenset(values)
+    check_settings(cfg)
+    return cfg
