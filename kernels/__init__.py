@@ -60,7 +60,7 @@ def _check_dtype(*tensors) -> None:
         raise TypeError(f"Triton kernels want float32, float16 or bfloat16 inputs of one dtype, got {names}")
 
 
-# Tests set this False: a launcher then runs the first config that fits instead of benchmarking every candidate
+# Tests set this False: autotuned kernels then run the first config that fits instead of benchmarking every one
 # (compiling them all for every shape and dtype the tests try would take minutes).
 _AUTOTUNE = True
 
@@ -77,90 +77,42 @@ def _smem_limit(device: torch.device) -> int:
             from triton.runtime import driver
 
             _smem_limits[index] = int(driver.active.utils.get_device_properties(index)["max_shared_mem"])
-        except Exception:  # an older/other driver API: ask torch, else assume the smallest sm_80+ GPU
+        except Exception:  # another driver API: ask torch, else assume the smallest sm_80+ GPU
             props = torch.cuda.get_device_properties(index)
             _smem_limits[index] = int(getattr(props, "shared_memory_per_block_optin", _SMEM_FALLBACK))
     return _smem_limits[index]
 
 
-def _fit_configs(configs, needs, smem_limit, fallback=None, reg_budget=224):
-    """The configs to autotune over: those whose estimated (shared memory bytes, 32-bit registers per thread),
-    `needs(config)`, fit both limits; else the small `fallback` config, if it fits shared memory; else those that
-    fit shared memory, fewest registers first (they may spill, but run); else the one needing the least shared
-    memory (the launcher drops it if it fails after all)."""
-    sized = [(c, *needs(c)) for c in configs]
-    fits = [c for c, smem, regs in sized if c is not fallback and smem <= smem_limit and regs <= reg_budget]
-    if fits:
-        return fits
-    if fallback is not None and needs(fallback)[0] <= smem_limit:
-        return [fallback]
-    smem_ok = sorted((s for s in sized if s[1] <= smem_limit), key=lambda s: s[2])
-    if smem_ok:
-        return [c for c, _, _ in smem_ok[:2]]
-    return [min(sized, key=lambda s: s[1])[0]]
+def fitting(configs, smem, limit: int) -> list:
+    """The configs whose estimated shared memory `smem(config)` is at most `limit`, in their order; if none is,
+    the one that needs the least (a kernel must run with something; triton raises if even that does not fit)."""
+    fits = [c for c in configs if smem(c) <= limit]
+    return fits or [min(configs, key=smem)]
 
 
-class _Launcher:
-    """`launcher[grid](*args)` runs `kernel` autotuned over `configs` (keyed on `key`) when compiled, and with the
-    single `interpreter_config` under the interpreter, where autotuning would run every config, slowly.
-
-    `needs(config, args)` (args: the launch arguments by name) estimates a config's shared memory in bytes and its
-    registers per thread; configs that do not fit the device are never tried, and the last config, a small one that
-    fits anything, only when no other does (benchmarking it would only cost tuning time). As a guarantee on top of
-    that estimate, a config that still raises OutOfResources when launched is dropped for that launch signature and
-    the launch retried with the next best: triton's autotuner already scores configs that fail while it benchmarks
-    as infinitely slow, but runs a lone surviving config (or the best of all-failing ones) unchecked."""
-
-    def __init__(self, kernel, configs, key, interpreter_config, needs=None, **autotune_kwargs):
-        import triton  # only ever constructed by kernels.attention / kernels.lora_linear, which import triton
-
-        self.kernel, self.config, self.needs, self.key = kernel, interpreter_config, needs, key
-        self.tuned, self.fallback = None, configs[-1]
-        self._failed = {}  # launch signature -> configs that raised OutOfResources
-        if not interpreting():
-            prune = {"early_config_prune": self._prune} if needs is not None else None
-            self.tuned = triton.autotune(configs, key=key, prune_configs_by=prune, **autotune_kwargs)(kernel)
-
-    def _signature(self, args):
-        """What a compiled variant depends on, as far as fitting goes: the tuning key and the tensor dtypes."""
-        return tuple(args.get(k) for k in self.key) + tuple(
-            str(v.dtype) for v in args.values() if isinstance(v, torch.Tensor))
-
-    def _prune(self, configs, named_args, **kwargs):
+def pruner(smem):
+    """triton.autotune's early_config_prune: the configs whose estimated shared memory `smem(config, args)` fits the
+    device of the launch's tensors (`fitting`); only the first of them when tests turn autotuning off."""
+    def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        failed = self._failed.get(self._signature(args), ())
-        configs = [c for c in configs if not any(c is f for f in failed)]
-        if not configs:
-            raise RuntimeError(f"{self.kernel.__name__}: every config ran out of GPU resources")
         device = next(v.device for v in args.values() if isinstance(v, torch.Tensor))
-        fits = _fit_configs(configs, lambda c: self.needs(c, args), _smem_limit(device), self.fallback)
+        fits = fitting(configs, lambda c: smem(c, args), _smem_limit(device))
         return fits if _AUTOTUNE else fits[:1]
 
-    def __getitem__(self, grid):
-        if self.tuned is None:
-            cfg = self.config
-            launch = self.kernel[grid(cfg.kwargs) if callable(grid) else grid]
-            return lambda *args, **kwargs: launch(
-                *args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages
-            )
-        return lambda *args, **kwargs: self._run(grid, args, kwargs)
+    return prune
 
-    def _run(self, grid, args, kwargs):
-        from triton.runtime.errors import OutOfResources
 
-        while True:
-            try:
-                return self.tuned[grid](*args, **kwargs)
-            except OutOfResources:
-                bad = getattr(self.tuned, "best_config", None)  # set just before the failing launch
-                failed = self._failed.setdefault(
-                    self._signature({**dict(zip(self.kernel.arg_names, args)), **kwargs}), [])
-                if bad is None or any(bad is f for f in failed):
-                    raise
-                failed.append(bad)
-                if all(any(c is f for f in failed) for c in self.tuned.configs):
-                    raise
-                self.tuned.cache.clear()  # re-tune without it (other signatures re-tune too: rare, cheap)
+def autotuned(kernel, configs, key, smem, interpreter_config):
+    """`kernel` under plain triton.autotune over `configs`, keyed on the `key` arguments (triton adds the tensor
+    dtypes) and pruned by `pruner(smem)`, `smem` being a documented estimate from block sizes, stages and dtype (exact
+    numbers exist only after compiling). A config that fails anyway is timed as infinitely slow by the autotuner.
+    Under the interpreter: `interpreter_config` alone, untuned (tuning would run every config, slowly); its small
+    tiles let the tests cover several blocks and tails."""
+    import triton  # only called by kernels.attention / kernels.lora_linear, which import triton
+
+    if interpreting():
+        return triton.autotune([interpreter_config], key=key)(kernel)
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": pruner(smem)})(kernel)
 
 
 def __getattr__(name):

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from . import _autocast, _check_dtype, _dot_precision, _fresh, _Launcher
+from . import _autocast, _check_dtype, _dot_precision, _fresh, autotuned
 
 _LOG2E = 1.4426950408889634
 
@@ -239,37 +239,29 @@ def _attn_bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA,
 # ----------------------------------------------------------------------------- launch configs
 
 
-def _fwd_needs(c, args):
-    """(shared memory bytes, 32-bit registers per thread) of a forward config. Shared memory, as allocated by
-    triton 3.6-3.9 on sm_90 (checked against ptxas for every config, dtype and head dim): q, plus k and v tiles
-    in each of num_stages pipeline buffers; tf32x3 keeps a second copy of q. Registers: the float32 accumulator
-    and scores, plus q."""
+# Shared memory estimates (bytes), for pruning the configs to the device. Pipelined tiles take num_stages buffers,
+# tiles loaded once take one; tf32x3 dots (float32 inputs, TF32 not allowed) keep a second copy of those. Calibrated
+# against ptxas (triton 3.6-3.9, sm_90) for every config, dtype and head dim. Should a new triton allocate more, a
+# config that does not fit costs only tuning time: triton's autotuner times it as infinitely slow.
+
+
+def _fwd_smem(c, args):
+    """q, plus a k and a v tile per stage."""
     m, n, d, e = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], args["BLOCK_D"], args["Q"].element_size()
-    smem = e * (_resident_copies(args) * m * d + 2 * c.num_stages * n * d) + 1024
-    return smem, _words(m * d + m * n + m * d * e / 4, e, c.num_warps)
+    return e * (_resident_copies(args) * m * d + 2 * c.num_stages * n * d) + 1024
 
 
-def _bwd_needs(c, args):
-    """As _fwd_needs for the backward. dK/dV phase: k, v resident, q and dO tiles (and their row statistics)
-    pipelined; dQ phase: q, dO resident, k and v pipelined; triton reuses the first phase's buffers."""
+def _bwd_smem(c, args):
+    """dK/dV phase: k, v resident, q and dO tiles (and their row statistics) per stage; dQ phase: q, dO resident,
+    k and v per stage; the second phase reuses the first one's buffers."""
     blk, m1, n2 = c.kwargs["BLOCK"], c.kwargs["BLOCK_M1"], c.kwargs["BLOCK_N2"]
     d, e, s = args["BLOCK_D"], args["Q"].element_size(), c.num_stages
     resident = _resident_copies(args) * 2 * blk * d
-    dkdv = e * (resident + 2 * s * m1 * d) + 8 * s * m1
-    dq = e * (resident + 2 * s * n2 * d)
-    regs = max(2 * blk * d + 2 * blk * m1, blk * d + 2 * blk * n2 + 2 * blk * d * e / 4)
-    return max(dkdv, dq) + 1024, _words(regs, e, c.num_warps)
+    return max(e * (resident + 2 * s * m1 * d) + 8 * s * m1, e * (resident + 2 * s * n2 * d)) + 1024
 
 
 def _resident_copies(args):
-    """tf32x3 dots (float32 inputs, TF32 not allowed) keep the operands loaded once in shared memory twice."""
     return 2 if args["PRECISION"] == "tf32x3" else 1
-
-
-def _words(elements, element_size, num_warps):
-    """32-bit registers per thread for `elements` live float32 values; float32 inputs count double (tf32x3 dots
-    split every operand into a high and a low part)."""
-    return elements * (2 if element_size == 4 else 1) / (32 * num_warps)
 
 
 def _configs(blocks, names):
@@ -277,24 +269,21 @@ def _configs(blocks, names):
     return [triton.Config(dict(zip(names, b[:-2])), num_warps=b[-2], num_stages=b[-1]) for b in blocks]
 
 
-# Candidates for H100-class GPUs (FlashAttention-2 tiles); the launcher drops those that would not fit the device's
-# shared memory or would spill for the head dim and dtype at hand. The last entry of each list, for when none other
-# fits, fits every dtype and head dim <= 256 on sm_90 (at most 160 KiB, ptxas). The autotuner keys on the head dim
-# and T's power-of-two bucket, so generation with a growing T does not retune at every step. Small tiles under the
-# interpreter let the tests cover several blocks, the diagonal and the tails with a tiny T.
+# Candidates for H100-class GPUs (FlashAttention-2 tiles), best guess first (what tests run without tuning); the
+# pruning drops those that would not fit the device's shared memory for the head dim and dtype at hand. The last of
+# each list fits every dtype and head dim <= 256 on sm_90 (at most 160 KiB, ptxas). Keyed on the head dim and T's
+# power-of-two bucket, so that generation with a growing T does not retune at every step.
 _KEY = ["HEAD_DIM", "T_BUCKET"]
-_FWD = _Launcher(
-    _attn_fwd_kernel,
-    _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4), (64, 32, 4, 3),
-              (32, 16, 4, 2)], ("BLOCK_M", "BLOCK_N")),
-    _KEY, _configs([(32, 16, 4, 1)], ("BLOCK_M", "BLOCK_N"))[0], needs=_fwd_needs)
+FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4),
+                        (64, 32, 4, 3), (32, 16, 4, 2)], ("BLOCK_M", "BLOCK_N"))
 # (BLOCK, BLOCK_M1, BLOCK_N2, warps, stages): the first is the triton tutorial's Hopper backward (128-row blocks,
 # 32-row steps, 4 warps, 5 stages).
-_BWD = _Launcher(
-    _attn_bwd_kernel,
-    _configs([(128, 32, 32, 4, 5), (128, 32, 32, 4, 3), (128, 16, 32, 4, 4), (128, 32, 32, 8, 4), (128, 64, 64, 8, 3),
-              (64, 32, 32, 4, 4), (64, 16, 16, 4, 3), (32, 16, 16, 4, 2)], ("BLOCK", "BLOCK_M1", "BLOCK_N2")),
-    _KEY, _configs([(32, 16, 16, 4, 1)], ("BLOCK", "BLOCK_M1", "BLOCK_N2"))[0], needs=_bwd_needs)
+BWD_CONFIGS = _configs([(128, 32, 32, 4, 5), (128, 32, 32, 4, 3), (128, 16, 32, 4, 4), (128, 32, 32, 8, 4),
+                        (128, 64, 64, 8, 3), (64, 32, 32, 4, 4), (64, 16, 16, 4, 3), (32, 16, 16, 4, 2)],
+                       ("BLOCK", "BLOCK_M1", "BLOCK_N2"))
+_FWD = autotuned(_attn_fwd_kernel, FWD_CONFIGS, _KEY, _fwd_smem, _configs([(32, 16, 4, 1)], ("BLOCK_M", "BLOCK_N"))[0])
+_BWD = autotuned(_attn_bwd_kernel, BWD_CONFIGS, _KEY, _bwd_smem,
+                 _configs([(32, 16, 16, 4, 1)], ("BLOCK", "BLOCK_M1", "BLOCK_N2"))[0])
 
 
 # ----------------------------------------------------------------------------- host side

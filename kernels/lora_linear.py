@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from . import _autocast, _check_dtype, _dot_precision, _fresh, _Launcher, interpreting
+from . import _autocast, _check_dtype, _dot_precision, _fresh, autotuned, interpreting
 
 
 @triton.jit
@@ -195,18 +195,15 @@ def _lora_grads_kernel(DY, TS, X, GS, P, M, NOUT, K, R, rows_per_chunk,
 # ----------------------------------------------------------------------------- launch configs
 
 
-def _gemm_needs(c, args):
-    """(shared memory bytes, 32-bit registers per thread) of a GEMM config. Shared memory as triton 3.6-3.9
-    allocates it on sm_90 (checked against ptxas for every config, dtype and variant): the X, W (and L) tiles in
-    each of num_stages pipeline buffers. Registers: the float32 accumulator (twice with the dropout epilogue, which
-    holds the rank-r tile beside it); float32 inputs count double (tf32x3 splits every operand in two)."""
+def _gemm_smem(c, args):
+    """Shared memory (bytes) of a GEMM config, as triton 3.6-3.9 allocates it on sm_90 (calibrated against ptxas for
+    every config, dtype and variant): the X, W (and L) tiles in each of num_stages pipeline buffers, plus tf32x3's
+    split epilogue operands."""
     m, n, k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
     e, r = args["X"].element_size(), args["BLOCK_R"]
     per_stage = m * k + k * n + (k * r if args["DOWN_IN_LOOP"] else 0)
-    split = n * (r + 32) if args["PRECISION"] == "tf32x3" else 0  # tf32x3's epilogue operands, measured bound
-    smem = e * (c.num_stages * per_stage + split) + 2048
-    live = m * n * (2 if args["OUT_DROPOUT"] else 1) + m * args["BLOCK_R"]
-    return smem, live * (2 if e == 4 else 1) / (32 * c.num_warps)
+    split = n * (r + 32) if args["PRECISION"] == "tf32x3" else 0
+    return e * (c.num_stages * per_stage + split) + 2048
 
 
 def _configs(blocks):
@@ -215,15 +212,14 @@ def _configs(blocks):
             for m, n, k, w, s in blocks]
 
 
-# Hopper-class GEMM tiles (wgmma through tl.dot): 128×256×64 with 8 warps is the standard one for bf16 at these
-# reduction sizes. The launcher drops configs that would not fit the device's shared memory or would spill; the last
-# one, for when none other fits, fits anything. Keyed on the GEMM's sizes, the token count's power-of-two bucket and
-# the variant. The interpreter's small tiles exercise tails and grouping.
-_GEMM = _Launcher(
-    _lora_gemm_kernel,
-    _configs([(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
-              (64, 256, 64, 4, 4), (128, 64, 64, 4, 4), (32, 64, 32, 4, 2)]),
-    ["M_BUCKET", "K", "N", "R", "DOWN_IN_LOOP", "OUT_DROPOUT"], _configs([(32, 32, 32, 4, 1)])[0], needs=_gemm_needs)
+# Hopper-class GEMM tiles (wgmma through tl.dot), best guess first: 128×256×64 with 8 warps is the standard one for
+# bf16 at these reduction sizes. Pruned to the device's shared memory; the last one fits anything. Keyed on the
+# GEMM's sizes, the token count's power-of-two bucket, the rank's tile and the variant (not the rank itself: ranks
+# 4 to 16 share one tile of 16).
+GEMM_CONFIGS = _configs([(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+                         (64, 256, 64, 4, 4), (128, 64, 64, 4, 4), (32, 64, 32, 4, 2)])
+_GEMM = autotuned(_lora_gemm_kernel, GEMM_CONFIGS, ["M_BUCKET", "K", "N", "BLOCK_R", "DOWN_IN_LOOP", "OUT_DROPOUT"],
+                  _gemm_smem, _configs([(32, 32, 32, 4, 1)])[0])
 
 
 def _small_blocks(dtype):

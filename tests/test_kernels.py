@@ -181,55 +181,70 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
-def test_fit_configs_respects_shared_memory_then_registers():
-    # (shared memory bytes, registers per thread) by config name.
-    needs = {"big": (300_000, 100), "spills": (100_000, 400), "ok": (100_000, 200), "small": (50_000, 250),
-             "tiny": (20_000, 100)}
-    fit = kernels._fit_configs
-    assert fit(list(needs), needs.get, 232_448, fallback="tiny") == ["ok"]  # the fallback only if nothing fits
-    assert fit(["big", "spills", "tiny"], needs.get, 232_448, fallback="tiny") == ["tiny"]
-    assert fit(["big", "spills", "small"], needs.get, 232_448) == ["small", "spills"]  # fewest registers first
-    assert fit(["big", "spills"], needs.get, 90_000) == ["spills"]  # nothing fits: the least shared memory
+H200_SMEM = 232_448  # opt-in shared memory per block on H100/H200 (what triton's driver reports)
 
 
-def test_launcher_drops_configs_that_run_out_of_resources(monkeypatch):
-    # A stand-in for triton's autotuner: it prunes through the launcher, "benchmarks" by taking the first config
-    # left, and fails at launch for configs too big for the device, as a lone or all-failing config would.
-    from triton.runtime.errors import OutOfResources
+def _prune(smem, configs, limit, monkeypatch, **args):
+    """What triton.autotune's early_config_prune returns for these launch arguments on a device whose shared
+    memory per block is `limit` (the real pruner, on a fake device limit: nothing compiles or launches)."""
+    monkeypatch.setattr(kernels, "_smem_limit", lambda device: limit)
+    return kernels.pruner(smem)(configs, {"Q": args.pop("Q"), "T": 1024}, **args)
 
-    class Config:
-        def __init__(self, smem):
-            self.kwargs, self.smem = {}, smem
 
-    class Tuner:
-        def __init__(self, configs):
-            self.configs, self.cache, self.best_config, self.runs = configs, {}, None, []
+def _attention_args(dtype, head_dim, precision="tf32"):
+    return dict(Q=torch.empty(0, dtype=dtype), BLOCK_D=head_dim, PRECISION=precision, HEAD_DIM=head_dim)
 
-        def __getitem__(self, grid):
-            def run(*args, **kwargs):
-                if "key" not in self.cache:
-                    self.cache["key"] = launcher._prune(self.configs, dict(zip(kernel.arg_names, args)), **kwargs)[0]
-                self.best_config = self.cache["key"]
-                self.runs.append(self.best_config.smem)
-                if self.best_config.smem > 200_000:
-                    raise OutOfResources(self.best_config.smem, 200_000, "shared memory")
-            return run
 
-    kernel = type("Kernel", (), {"arg_names": ["X", "N"], "__name__": "k"})()
-    configs = [Config(300_000), Config(250_000), Config(100_000)]
-    launcher = object.__new__(kernels._Launcher)
-    launcher.kernel, launcher.key, launcher._failed, launcher.fallback = kernel, ["N"], {}, None
-    launcher.needs = lambda c, args: (0, 0)  # the estimate misses: only the launch reveals the problem
-    launcher.tuned = Tuner(configs)
-    monkeypatch.setattr(kernels, "_smem_limit", lambda device: 232_448)
-    launcher[(1,)](torch.zeros(1), 5)
-    assert launcher.tuned.runs == [300_000, 250_000, 100_000] and launcher.tuned.best_config is configs[2]
-    launcher[(1,)](torch.zeros(1), 5)  # remembered: no more failures
-    assert launcher.tuned.runs[3:] == [100_000]
-    configs[2].smem = 210_000
-    launcher.tuned.cache.clear()
-    with pytest.raises(OutOfResources):
-        launcher[(1,)](torch.zeros(1), 5)
+@pytest.mark.parametrize("autotuning", [True, False])
+def test_prune_keeps_configs_that_fit_shared_memory(monkeypatch, autotuning):
+    monkeypatch.setattr(kernels, "_AUTOTUNE", autotuning)
+    fwd, bwd = attention.FWD_CONFIGS, attention.BWD_CONFIGS
+    # bf16, head dim 64 on an H200: every candidate fits; without autotuning only the first (the best guess) runs.
+    for configs, smem in ((fwd, attention._fwd_smem), (bwd, attention._bwd_smem)):
+        kept = _prune(smem, configs, H200_SMEM, monkeypatch, **_attention_args(torch.bfloat16, 64))
+        assert kept == (configs if autotuning else configs[:1])
+    # float32, head dim 128 with tf32x3 (two copies of resident tiles): the session-1 failure (a forward config
+    # needing 328 KiB). Exactly the configs whose estimate fits stay, and they need less as the limit shrinks.
+    args = _attention_args(torch.float32, 128, "tf32x3")
+    need = {id(c): attention._fwd_smem(c, args) for c in fwd}
+    assert max(need.values()) > H200_SMEM  # the case is a real one
+    for limit in (H200_SMEM, 166_912, 101_376):  # H100/H200, A100, sm_86/89
+        kept = _prune(attention._fwd_smem, fwd, limit, monkeypatch, **dict(args))
+        expected = [c for c in fwd if need[id(c)] <= limit]
+        assert kept == (expected if autotuning else expected[:1]) and expected
+    # Nothing fits: the one config needing the least shared memory, the small last one.
+    assert _prune(attention._fwd_smem, fwd, 1000, monkeypatch, **dict(args)) == [fwd[-1]]
+    assert _prune(attention._bwd_smem, bwd, 1000, monkeypatch, **dict(args)) == [bwd[-1]]
+
+
+def test_prune_lora_gemm_by_dtype_and_variant(monkeypatch, autotune):
+    from kernels import lora_linear as lora_module
+
+    configs, smem = lora_module.GEMM_CONFIGS, lora_module._gemm_smem
+
+    def kept(dtype, limit, precision="tf32", down=True):
+        monkeypatch.setattr(kernels, "_smem_limit", lambda device: limit)
+        return kernels.pruner(smem)(configs, {"X": torch.empty(0, dtype=dtype)}, BLOCK_R=16, DOWN_IN_LOOP=down,
+                                    OUT_DROPOUT=False, PRECISION=precision)
+
+    assert kept(torch.bfloat16, H200_SMEM) == configs  # the bf16 tiles are sized for Hopper
+    fp32 = kept(torch.float32, H200_SMEM, "tf32x3")
+    assert configs[0] not in fp32 and configs[-1] in fp32  # 4-byte 128×256×64 tiles in 3 stages do not fit
+    assert len(kept(torch.bfloat16, 101_376)) < len(configs)  # a smaller GPU keeps fewer
+    # The down-projection tile in the loop costs shared memory: fewer configs fit with it than without.
+    limit = smem(configs[0], dict(X=torch.empty(0, dtype=torch.bfloat16), BLOCK_R=16, DOWN_IN_LOOP=False,
+                                  PRECISION="tf32"))
+    assert configs[0] in kept(torch.bfloat16, limit, down=False) and configs[0] not in kept(torch.bfloat16, limit)
+
+
+def test_interpreter_runs_one_small_config():
+    # Autotuning in the interpreter would run every config: one fixed small config instead, the tuned lists aside.
+    tuned = (attention._FWD, attention._BWD)
+    if INTERPRET:
+        assert all(len(t.configs) == 1 and t.configs[0] not in attention.FWD_CONFIGS + attention.BWD_CONFIGS
+                   for t in tuned)
+    else:
+        assert [t.configs for t in tuned] == [attention.FWD_CONFIGS, attention.BWD_CONFIGS]
 
 
 def test_unwritten_output_is_caught(monkeypatch):
