@@ -12,7 +12,39 @@ import os
 
 import torch
 
-__all__ = ["causal_attention", "causal_attention_reference", "triton_available"]
+__all__ = ["causal_attention", "causal_attention_reference", "triton_available", "wins"]
+
+# Where each kernel was measured faster than the PyTorch path it replaces, by GPU generation: CUDA compute capability
+# -> {kind: the result file that shows it}. H100 and H200 are both (9, 0). A generation not listed runs PyTorch by
+# default (attn_impl='triton', lora.USE_KERNEL = True still turn a kernel on anywhere). bench/gpu_session.py prints
+# the entry its measurements support. Kinds:
+#   attention      training: forward + backward against SDPA (flash), and not slower in the whole training step
+#   attention_fwd  without autograd (a prompt's first decoding step): forward against SDPA
+#   lora           training: forward + backward against unfused PyTorch LoRA
+#   lora_fwd       without autograd: forward against unfused PyTorch LoRA
+# Empty: the reworked kernels have not run on a GPU yet.
+MEASURED_WINS: dict[tuple[int, int], dict[str, str]] = {}
+KINDS = ("attention", "attention_fwd", "lora", "lora_fwd")
+_capabilities: dict = {}
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _capabilities:
+        _capabilities[index] = tuple(torch.cuda.get_device_capability(index))
+    return _capabilities[index]
+
+
+def wins(kind: str, device) -> bool:
+    """Whether our kernel of this kind was measured faster than PyTorch on `device`'s GPU generation, i.e. whether
+    'auto' should pick it there (MEASURED_WINS). False on anything but CUDA."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kernel kind {kind!r}; kinds: {', '.join(KINDS)}")
+    device = torch.device(device)
+    if device.type != "cuda" or not MEASURED_WINS:
+        return False
+    return kind in MEASURED_WINS.get(_capability(device), {})
+
 
 # Tests set this: every output buffer a kernel is meant to fill completely is then NaN-filled first,
 # so an element the kernel forgot to write cannot pass by luck.

@@ -247,6 +247,20 @@ def test_interpreter_runs_one_small_config():
         assert [t.configs for t in tuned] == [attention.FWD_CONFIGS, attention.BWD_CONFIGS]
 
 
+def test_defaults_follow_measured_wins(monkeypatch):
+    # Today no generation has a measured win: every kind is off everywhere, so 'auto' means PyTorch.
+    for kind in kernels.KINDS:
+        assert not kernels.wins(kind, "cuda:0") and not kernels.wins(kind, "cpu")
+    # A generation with an entry gets exactly the kinds listed, no other generation gets them, and a CPU never does.
+    monkeypatch.setattr(kernels, "MEASURED_WINS", {(9, 0): {"attention_fwd": "bench/results/x.md"}})
+    monkeypatch.setattr(kernels, "_capabilities", {0: (9, 0), 1: (8, 0)})
+    assert kernels.wins("attention_fwd", torch.device("cuda", 0))
+    assert not kernels.wins("attention", "cuda:0") and not kernels.wins("lora", "cuda:0")
+    assert not kernels.wins("attention_fwd", "cuda:1") and not kernels.wins("attention_fwd", "cpu")
+    with pytest.raises(ValueError, match="unknown kernel kind"):
+        kernels.wins("attn", "cuda:0")
+
+
 def test_unwritten_output_is_caught(monkeypatch):
     # The poison is what makes the other tests sensitive to elements a kernel never writes.
     monkeypatch.setattr(attention, "_FWD", _NoLaunch())
