@@ -94,7 +94,7 @@ def _parse_value(text: str, typ):
 
 
 def check_settings(cfg) -> None:
-    """Every field within its declared range or choices, then the config's own `check()`, if any."""
+    """Every field within its declared range or choices, then the `check()` of each config class."""
     for f in dataclasses.fields(cfg):
         value, meta = getattr(cfg, f.name), f.metadata
         if value is None:
@@ -103,14 +103,20 @@ def check_settings(cfg) -> None:
         if "choices" in meta:
             bad = [v for v in values if v not in meta["choices"]]
             if bad:
-                raise UserError(f"config key '{f.name}' is {bad[0]!r}; choose from {', '.join(map(repr, meta['choices']))}")
+                allowed = ", ".join(map(repr, meta["choices"]))
+                raise UserError(f"config key '{f.name}' is {bad[0]!r}; choose from {allowed}")
         for rule, ok, words in (("at_least", lambda v, b: v >= b, "at least"), ("above", lambda v, b: v > b, "above"),
                                 ("at_most", lambda v, b: v <= b, "at most"), ("below", lambda v, b: v < b, "below")):
             if rule in meta and not all(ok(v, meta[rule]) for v in values):
                 raise UserError(f"config key '{f.name}' is {value!r}; it must be {words} {meta[rule]}")
-    check = getattr(cfg, "check", None)
-    if check is not None:
-        check()
+    for klass in reversed(type(cfg).__mro__):  # each config class a settings class is made of checks its own
+        if "check" in vars(klass):
+            vars(klass)["check"](cfg)
+
+
+def pick(cls, cfg):
+    """A `cls` config of the same-named fields of `cfg` (a config made of several, for one of its parts)."""
+    return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
 
 
 # ----------------------------------------------------------------------------- config files

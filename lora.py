@@ -4,7 +4,7 @@ A target layer y = x Wᵀ + b becomes y = x Wᵀ + b + (α/r)·(drop(x) Aᵀ) B�
 B (out, r) the only trainable weights. A starts random and B at zero, so a fresh adapter leaves
 the model exactly as it was.
 
-Target names (LoRAConfig.targets), per transformer block:
+Target names (LoRAConfig.lora_targets), per transformer block:
     'q', 'k', 'v'   the query, key and value thirds of the fused attn.c_attn (each on or off)
     'attn_out'      attn.c_proj, the attention output projection
     'mlp_in'        mlp.c_fc
@@ -33,11 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import UserError
+from common import UserError, pick, setting
 
-# On CUDA, unmerged LoRA layers run the fused Triton kernel (kernels.lora_linear), which also
-# applies the LoRA dropout itself. Set to False to use the plain PyTorch ops everywhere.
-USE_KERNEL = True
+# On CUDA, unmerged LoRA layers may run the fused Triton kernel (kernels.lora_linear), which also
+# applies the LoRA dropout itself: None takes it only on a GPU generation where it was measured
+# faster than PyTorch (kernels.wins), True or False forces the choice.
+USE_KERNEL = None
 
 # target name -> (module path inside a block, which third of the module's output it adapts;
 # None: the whole output)
@@ -51,36 +52,35 @@ TARGETS = {
     "wte": ("lm_head", None),  # not in a block: the model's (tied) head and embedding
 }
 
-ADAPTER_FORMAT = "gpt2-study-lora-adapter/1"
+ADAPTER_FORMAT = "gpt2-study-lora-adapter/2"  # /2: LoRAConfig keys lora_r, lora_alpha, ...
+_OLD_FORMAT = "gpt2-study-lora-adapter/1"
 FINGERPRINT_SAMPLE = 65536  # values per tensor that base_fingerprint reads
 
 
 @dataclass
 class LoRAConfig:
-    r: int = 4  # rank of the update
-    alpha: float = 32  # the update is scaled by alpha / r, so changing r keeps its size comparable
-    dropout: float = 0.1  # on the LoRA branch's input only
-    targets: tuple = ("q", "v")
+    lora_r: int = setting(4, "rank of the update", at_least=1)
+    lora_alpha: float = setting(32.0, "the update is scaled by lora_alpha / lora_r, so a change of rank keeps "
+                                "its size comparable", above=0.0)
+    lora_dropout: float = setting(0.1, "dropout on the LoRA branch's input only", at_least=0.0, below=1.0)
+    lora_targets: tuple = setting(("q", "v"), "layers to adapt: " + ", ".join(TARGETS), choices=tuple(TARGETS))
 
     def __post_init__(self):
-        if isinstance(self.targets, str):
-            self.targets = (self.targets,)
-        unknown = [t for t in self.targets if t not in TARGETS]
+        if isinstance(self.lora_targets, str):
+            self.lora_targets = (self.lora_targets,)
+        unknown = [t for t in self.lora_targets if t not in TARGETS]
         if unknown:
             raise UserError(f"unknown LoRA target {unknown[0]!r}; valid targets: {', '.join(TARGETS)}")
-        if not self.targets:
+        if not self.lora_targets:
             raise UserError(f"LoRA needs at least one target; valid targets: {', '.join(TARGETS)}")
-        self.targets = tuple(t for t in TARGETS if t in self.targets)  # canonical order, no duplicates
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise UserError(f"LoRA rank r must be a positive integer, not {self.r!r}")
-        if not self.alpha > 0:
-            raise UserError(f"LoRA alpha must be positive, not {self.alpha!r}")
-        if not 0 <= self.dropout < 1:
-            raise UserError(f"LoRA dropout must be in [0, 1), not {self.dropout!r}")
+        self.lora_targets = tuple(t for t in TARGETS if t in self.lora_targets)  # canonical order, no duplicates
+        if isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or self.lora_r < 1:
+            raise UserError(f"config key 'lora_r' is {self.lora_r!r}; it must be a positive integer")
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.r
+        return self.lora_alpha / self.lora_r
+
 
 
 class LoRALinear(nn.Module):
@@ -95,16 +95,16 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base = base
         self.parts, self.n_slots = parts, n_slots
-        self.r, self.scale, self.dropout = cfg.r, cfg.scale, cfg.dropout
+        self.r, self.scale, self.dropout = cfg.lora_r, cfg.scale, cfg.lora_dropout
         w = base.weight
         slot_out = base.out_features // n_slots
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         for name in parts:
-            a = torch.empty(cfg.r, base.in_features, device=w.device, dtype=w.dtype)
+            a = torch.empty(cfg.lora_r, base.in_features, device=w.device, dtype=w.dtype)
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as in the paper's code (nn.Linear's default)
             self.lora_A[name] = nn.Parameter(a)
-            self.lora_B[name] = nn.Parameter(torch.zeros(slot_out, cfg.r, device=w.device, dtype=w.dtype))
+            self.lora_B[name] = nn.Parameter(torch.zeros(slot_out, cfg.lora_r, device=w.device, dtype=w.dtype))
         self.merged = False
         # the exact base weight while merged; a buffer so that model.to(...) moves it along
         self.register_buffer("_unmerged_weight", None, persistent=False)
@@ -136,7 +136,7 @@ class LoRALinear(nn.Module):
         if self.merged:  # the update is inside the base weight
             return self.base(x)
         A, B = self.lora_factors()
-        if USE_KERNEL and x.is_cuda:
+        if x.is_cuda and (USE_KERNEL if USE_KERNEL is not None else _kernel_wins(x.device)):
             from kernels.lora_linear import lora_linear
 
             return lora_linear(x, self.base.weight, self.base.bias, A, B, self.scale,
@@ -164,6 +164,12 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"parts={list(self.parts)}, r={self.r}, scale={self.scale:g}, dropout={self.dropout:g}"
+
+
+def _kernel_wins(device) -> bool:
+    from kernels import wins
+
+    return wins("lora_linear", device)
 
 
 class LoRAEmbedding(nn.Module):
@@ -204,14 +210,15 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
         raise UserError("inject_lora needs a GPT model (transformer.h holds its blocks)")
     for p in model.parameters():
         p.requires_grad_(False)
-    if "wte" in cfg.targets:
+    cfg = pick(LoRAConfig, cfg)  # the LoRA fields alone, of a fine-tuning config say
+    if "wte" in cfg.lora_targets:
         if model.lm_head.weight is not model.transformer.wte.weight:
             raise UserError("the 'wte' LoRA target needs the LM head tied to the token embedding")
         model.lm_head = LoRALinear(model.lm_head, {"wte": 0}, 1, cfg).train(model.lm_head.training)
         model.transformer.wte = LoRAEmbedding(model.transformer.wte, model.lm_head).train(model.training)
     # module path -> ({target: slot}, number of slots); q, k and v share one module
     by_module: dict[str, tuple[dict[str, int], int]] = {}
-    for t in cfg.targets:
+    for t in cfg.lora_targets:
         if t == "wte":
             continue
         path, slot = TARGETS[t]
@@ -253,7 +260,7 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def bake_lora(model: nn.Module) -> nn.Module:
+def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge every update into its base weight for good and put the plain Linear layers back:
     the result is an ordinary model (GPT.save writes it like any other), without the adapter."""
     for name, m in list(_lora_modules(model)):
@@ -347,10 +354,12 @@ def read_adapter_meta(path) -> dict:
             meta = f.metadata() or {}
     except Exception as e:
         raise UserError(f"{path} is not a safetensors file ({e})") from e
-    if meta.get("format") != ADAPTER_FORMAT:
+    if meta.get("format") not in (ADAPTER_FORMAT, _OLD_FORMAT):
         raise UserError(f"{path} is not a LoRA adapter saved by this project (format {meta.get('format')!r})")
     for key in ("lora_config", "base_architecture", "extra"):
         meta[key] = json.loads(meta[key])
+    if meta["format"] == _OLD_FORMAT:  # the keys before they took the names the configs use
+        meta["lora_config"] = {f"lora_{k}": v for k, v in meta["lora_config"].items()}
     return meta
 
 
@@ -380,9 +389,10 @@ def load_adapter(model: nn.Module, path) -> LoRAConfig:
     have = getattr(model, "lora_config", None)
     if have is None:
         inject_lora(model, cfg)
-    elif (have.r, have.alpha, have.targets) != (cfg.r, cfg.alpha, cfg.targets):
-        raise UserError(f"adapter {path} has r={cfg.r}, alpha={cfg.alpha:g}, targets={list(cfg.targets)}; "
-                        f"the model's LoRA has r={have.r}, alpha={have.alpha:g}, targets={list(have.targets)}")
+    elif (have.lora_r, have.lora_alpha, have.lora_targets) != (cfg.lora_r, cfg.lora_alpha, cfg.lora_targets):
+        raise UserError(f"adapter {path} has lora_r={cfg.lora_r}, lora_alpha={cfg.lora_alpha:g}, lora_targets="
+                        f"{list(cfg.lora_targets)}; the model's LoRA has lora_r={have.lora_r}, lora_alpha="
+                        f"{have.lora_alpha:g}, lora_targets={list(have.lora_targets)}")
     if any(m.merged for _, m in _lora_modules(model)):
         raise UserError("the model's LoRA is merged: unmerge_lora before loading another adapter")
     saved, params = load_file(str(path)), dict(lora_parameters(model))

@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import time
@@ -23,40 +24,48 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from common import UserError
+from checkpoints import load_train_state, save_checkpoint
+from common import UserError, setting
 
 
 @dataclass
 class TrainConfig:
-    out_dir: str = "out/run"
-    init_from: str = "scratch"  # 'resume' continues out_dir's run; other values: see each script
+    out_dir: str = setting("out/run", "the run's folder: checkpoint/, metrics.jsonl, tb/")
+    init_from: str = setting("scratch", "'resume' continues out_dir's run exactly; other values: see each script")
     # length: epochs over the training set, or an exact number of optimizer steps
-    epochs: float = 1.0
-    max_iters: int = 0  # > 0: overrides epochs
-    batch_size: int = 8  # sequences per micro-batch, per process
-    grad_accum: int = 1  # micro-batches per optimizer step
+    epochs: float = setting(1.0, "passes over the training set", above=0.0)
+    max_iters: int = setting(0, "optimizer steps; > 0 overrides epochs", at_least=0)
+    batch_size: int = setting(8, "sequences per micro-batch, per process", at_least=1)
+    grad_accum: int = setting(1, "micro-batches per optimizer step", at_least=1)
     # AdamW and the learning-rate schedule
-    lr: float = 3e-4
-    min_lr: float = 3e-5  # the schedule decays to this
-    warmup_iters: int = 0
-    decay: str = "cosine"  # 'cosine', 'linear' or 'constant'
-    weight_decay: float = 0.1  # applied to matrices only, never to biases or LayerNorm gains
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 disables
-    label_smoothing: float = 0.0
+    lr: float = setting(3e-4, "peak learning rate", above=0.0)
+    min_lr: float = setting(3e-5, "the schedule decays to this (at most lr)", at_least=0.0)
+    warmup_iters: int = setting(0, "steps of linear warmup from 0 to lr", at_least=0)
+    decay: str = setting("cosine", "after warmup", choices=("cosine", "linear", "constant"))
+    weight_decay: float = setting(0.1, "AdamW's, on matrices only (never biases or LayerNorm gains)", at_least=0.0)
+    beta1: float = setting(0.9, "AdamW's first-moment decay", at_least=0.0, below=1.0)
+    beta2: float = setting(0.95, "AdamW's second-moment decay", at_least=0.0, below=1.0)
+    grad_clip: float = setting(1.0, "clip the gradient norm to this; 0 disables", at_least=0.0)
+    label_smoothing: float = setting(0.0, "of the training loss (evaluation never smooths)", at_least=0.0, below=1.0)
     # evaluation, logging, checkpoints
-    eval_interval: int = 500  # steps; 0 evaluates once per epoch
-    eval_iters: int = 100  # validation batches per evaluation; 0 uses the whole validation set
-    ckpt_interval: int = 0  # steps; 0 saves at every evaluation
-    log_interval: int = 10
-    progress: bool = True  # progress bar
+    eval_interval: int = setting(500, "steps between evaluations; 0 evaluates once per epoch", at_least=0)
+    eval_iters: int = setting(100, "validation batches per evaluation; 0 uses the whole validation set", at_least=0)
+    ckpt_interval: int = setting(0, "steps between checkpoints; 0 saves at every evaluation", at_least=0)
+    log_interval: int = setting(10, "steps between training records (and the only host syncs)", at_least=1)
+    progress: bool = setting(True, "show a progress bar")
     # system
-    device: str = "auto"  # 'auto' (cuda if present), 'cpu', 'cuda', 'cuda:1', ...
-    dtype: str = "float32"  # 'float32', or autocast to 'bfloat16' / 'float16'
-    compile: bool = False
-    seed: int = 1337
-    peak_flops: float = 0.0  # for MFU; 0 guesses from the GPU's name (bf16 dense)
+    device: str = setting("auto", "'auto' (cuda if present), 'cpu', 'cuda', 'cuda:1', ...")
+    dtype: str = setting("float32", "float32, or autocast to bfloat16 / float16",
+                         choices=("float32", "bfloat16", "float16"))
+    compile: bool = setting(False, "torch.compile the model")
+    seed: int = setting(1337, "of the data order, initialisation and dropout", at_least=0)
+    peak_flops: float = setting(0.0, "the device's peak FLOP/s for MFU; 0 guesses from the GPU's name", at_least=0.0)
+
+    def check(self):
+        if self.min_lr > self.lr:
+            raise UserError(f"config key 'min_lr' is {self.min_lr}; it must be at most lr ({self.lr})")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise UserError(f"config key 'device' is {self.device!r}; use auto, cpu, cuda or cuda:N")
 
 
 # ----------------------------------------------------------------------------- the run's devices
@@ -177,62 +186,6 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     if cfg.decay == "cosine":
         return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
     raise UserError(f"decay must be 'cosine', 'linear' or 'constant', not '{cfg.decay}'")
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-CKPT, CKPT_TMP, CKPT_OLD = "checkpoint", "checkpoint.tmp", "checkpoint.old"
-STATE_FILE = "train_state.pt"
-
-
-def find_checkpoint(out_dir) -> Path | None:
-    """The run's last complete checkpoint folder, if any.
-
-    A checkpoint is written into checkpoint.tmp and then swapped in by renames; a crash
-    between the two renames leaves the previous one as checkpoint.old, which is used.
-    """
-    for name in (CKPT, CKPT_OLD):
-        if (Path(out_dir) / name / STATE_FILE).exists():
-            return Path(out_dir) / name
-    return None
-
-
-def save_checkpoint(out_dir, export: Callable[[Path], None], state: dict, run_info: dict) -> Path:
-    out_dir = Path(out_dir)
-    tmp, final, old = out_dir / CKPT_TMP, out_dir / CKPT, out_dir / CKPT_OLD
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    export(tmp)
-    torch.save(state, tmp / STATE_FILE)
-    (tmp / "config.json").write_text(json.dumps(run_info, indent=2, default=str))
-    for f in tmp.iterdir():  # on disk before the swap, so a crash cannot leave a torn checkpoint
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_train_state(ckpt: Path) -> dict:
-    return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
-
-
-def check_out_dir(cfg: TrainConfig) -> Path | None:
-    """The checkpoint to resume from (init_from='resume'), refusing to overwrite a run otherwise."""
-    ckpt = find_checkpoint(cfg.out_dir)
-    if cfg.init_from == "resume":
-        if ckpt is None:
-            raise UserError(f"nothing to resume: {cfg.out_dir} holds no checkpoint; start a new run without "
-                            f"--init_from=resume")
-        return ckpt
-    if ckpt is not None:
-        step = load_train_state(ckpt)["step"]
-        raise UserError(f"{cfg.out_dir} already holds a run (checkpoint at step {step}); continue it with "
-                        f"--init_from=resume or choose another --out_dir")
-    return None
 
 
 # ----------------------------------------------------------------------------- logging
