@@ -1,112 +1,26 @@
-"""Prepare the E2E NLG restaurant dataset (official release v1.0.0) for LoRA fine-tuning.
+"""E2E NLG examples for LoRA fine-tuning: the prompt format, tokenised pairs, the prepared folder.
 
-    python data/e2e/prepare.py [--src PATH] [--out_dir DIR]
-
-PATH is the release zip or its unpacked folder; without it the zip is downloaded into DIR
-(once). DIR (default data/e2e/prepared) gets train.jsonl and dev.jsonl (one pair a line:
-mr, ref, prompt ids, target ids), test.jsonl (one MR group a line: mr, refs, prompt ids)
-and meta.json (counts, token statistics, checksums).
+A prepared folder (default data/e2e/prepared, written by data/e2e/prepare.py) holds
+train.jsonl and dev.jsonl (one pair a line: mr, ref, prompt ids, target ids), test.jsonl (one MR
+group a line: mr, refs, prompt ids) and meta.json (counts, token statistics, checksums).
 """
 
-import argparse
-import csv
 import hashlib
-import io
 import json
+import os
 import re
-import sys
-import zipfile
 from pathlib import Path
 
-# Run as a script, Python puts data/e2e/ (not the repo root) on sys.path; the shared modules live at the root.
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from common import UserError, download, run_main
+from common import UserError
+from data.e2e.release import SPLIT_FILES, fetch_release, group_by_mr, parse_pairs_csv, read_source_file
 from tokenizer import EOT, encode, encode_batch
 
-URL = "https://github.com/tuetschek/e2e-dataset/releases/download/v1.0.0/e2e-dataset.zip"
-ZIP_NAME = "e2e-dataset.zip"
-SPLIT_FILES = {"train": "trainset.csv", "dev": "devset.csv", "test": "testset_w_refs.csv"}
 DEFAULT_OUT = Path(__file__).resolve().parent / "prepared"
 PREPARE_CMD = "python data/e2e/prepare.py --src ../shared/data/e2e/e2e-dataset.zip"
 
 # One `key[value]` pair of an MR and the comma or end that follows it. Keys exclude ':' and values '|'
 # so that the linearised form below can be parsed back unambiguously.
 _MR_PAIR = re.compile(r"\s*([^\[\],:|]+?)\s*\[([^\[\]|]*)\]\s*(,|$)")
-
-
-# ----------------------------------------------------------------------------- reading the release
-
-
-def _read_source_file(src: Path, filename: str) -> tuple[bytes, str]:
-    """Raw bytes of one CSV of the release, from the zip or the unpacked folder, and a name for messages."""
-    if not src.exists():
-        raise UserError(f"E2E source '{src}' not found; pass the release zip or its unpacked folder")
-    if src.is_dir():
-        for path in (src / filename, src / "e2e-dataset" / filename):
-            if path.is_file():
-                return path.read_bytes(), str(path)
-        raise UserError(f"'{filename}' not found in folder '{src}' (nor in its e2e-dataset/ subfolder)")
-    try:
-        with zipfile.ZipFile(src) as zf:
-            members = [n for n in zf.namelist() if n == filename or n.endswith("/" + filename)]
-            if len(members) != 1:
-                raise UserError(f"zip '{src}' has {len(members)} files named '{filename}', expected 1")
-            return zf.read(members[0]), f"{src}:{members[0]}"
-    except zipfile.BadZipFile as e:
-        raise UserError(f"'{src}' is neither a folder nor a readable zip ({e})") from None
-
-
-def _collapse(text: str) -> str:
-    # A few references hold line breaks or doubled spaces; the official scorer's readers collapse
-    # whitespace too, so this changes no score and keeps training targets clean.
-    return " ".join(text.split())
-
-
-def parse_pairs_csv(data: bytes, name: str) -> list[tuple[str, str]]:
-    """(mr, ref) rows of an E2E CSV with header mr,ref; any malformed row is a UserError naming `name` and row."""
-    # surrogateescape keeps undecodable bytes visible per field, so the error can name the row.
-    text = data.decode("utf-8-sig", errors="surrogateescape")
-    rows = csv.reader(io.StringIO(text, newline=""), strict=True)
-    pairs = []
-    try:
-        for row_no, row in enumerate(rows, start=1):  # row 1 is the header, as in a spreadsheet
-            where = f"{name} row {row_no} (line {rows.line_num})"
-            if any(re.search(r"[\udc80-\udcff]", field) for field in row):
-                raise UserError(f"{where}: not valid UTF-8")
-            if row_no == 1:
-                if [h.strip().lower() for h in row] != ["mr", "ref"]:
-                    raise UserError(f"{where}: header is {row}, expected ['mr', 'ref']")
-                continue
-            if len(row) != 2:
-                raise UserError(f"{where}: {len(row)} fields, expected 2 (mr, ref)")
-            mr, ref = _collapse(row[0]), _collapse(row[1])
-            if not mr or not ref:
-                raise UserError(f"{where}: empty {'mr' if not mr else 'ref'}")
-            pairs.append((mr, ref))
-    except csv.Error as e:
-        raise UserError(f"{name} line {rows.line_num}: malformed CSV ({e})") from None
-    if not pairs:
-        raise UserError(f"{name}: no data rows")
-    return pairs
-
-
-def read_split(src, split: str) -> list[tuple[str, str]]:
-    """(mr, ref) pairs of `split` ('train', 'dev' or 'test' = testset_w_refs.csv) from the release zip or folder."""
-    if split not in SPLIT_FILES:
-        raise UserError(f"unknown E2E split '{split}'; choose one of {', '.join(SPLIT_FILES)}")
-    return parse_pairs_csv(*_read_source_file(Path(src), SPLIT_FILES[split]))
-
-
-def group_by_mr(pairs) -> list[tuple[str, list[str]]]:
-    """Group consecutive rows with the same MR, in file order, exactly as the official scorer does."""
-    groups: list[tuple[str, list[str]]] = []
-    for mr, ref in pairs:
-        if groups and groups[-1][0] == mr:
-            groups[-1][1].append(ref)
-        else:
-            groups.append((mr, [ref]))
-    return groups
 
 
 # ----------------------------------------------------------------------------- model inputs
@@ -148,13 +62,17 @@ def _sha256(data: bytes) -> str:
 
 
 def _write_jsonl(path: Path, records) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    """Written under a temporary name, then renamed: test.jsonl, written last, marks a whole folder."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
 
 
 def prepare(src: Path, out_dir: Path) -> dict:
     """Tokenise the three splits of `src` into out_dir; returns the metadata written to meta.json."""
+    src, out_dir = Path(src), Path(out_dir)
     meta = {
         "source": str(src),
         "source_sha256": _sha256(src.read_bytes()) if src.is_file() else None,
@@ -166,7 +84,7 @@ def prepare(src: Path, out_dir: Path) -> dict:
     }
     splits = {}
     for split, filename in SPLIT_FILES.items():
-        data, name = _read_source_file(src, filename)
+        data, name = read_source_file(src, filename)
         meta["csv_sha256"][filename] = _sha256(data)
         splits[split] = parse_pairs_csv(data, name)
 
@@ -194,17 +112,9 @@ def prepare(src: Path, out_dir: Path) -> dict:
     return meta
 
 
-def fetch_release(out_dir: Path) -> Path:
-    """The release zip in out_dir, downloaded on first use."""
-    src = out_dir / ZIP_NAME
-    if not src.is_file():
-        hint = f"offline? pass --src ../shared/data/e2e/{ZIP_NAME} or another local copy of the zip or its folder"
-        download(URL, src, hint)
-    return src
-
-
 def ensure_prepared(out_dir: Path) -> Path:
     """out_dir, prepared from the official release first if it is the default folder and empty."""
+    out_dir = Path(out_dir)
     if not (out_dir / "test.jsonl").exists() and out_dir.resolve() == DEFAULT_OUT:
         print(f"{out_dir} not prepared yet: preparing E2E from the official release")
         prepare(fetch_release(out_dir), out_dir)
@@ -226,21 +136,3 @@ def load_prepared(out_dir, split: str) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise UserError(f"{path} line {line_no}: not JSON ({e}); rerun: {PREPARE_CMD}") from None
     return records
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--src", type=Path, help="the release zip or its unpacked folder (default: download)")
-    parser.add_argument("--out_dir", type=Path, default=DEFAULT_OUT, help="output folder (default: %(default)s)")
-    args = parser.parse_args(argv)
-    meta = prepare(args.src or fetch_release(args.out_dir), args.out_dir)
-    for split in SPLIT_FILES:
-        c, t = meta["counts"][split], meta["tokens"][split]
-        tokens = ", ".join(f"{k} {v:,}" for k, v in t.items())
-        max_len = meta["max_len"][split]
-        print(f"{split:5s}: {c['pairs']:6,} pairs, {c['mrs']:5,} MRs; tokens: {tokens}; max length {max_len}")
-    print(f"wrote {args.out_dir}/{{train,dev,test}}.jsonl and meta.json")
-
-
-if __name__ == "__main__":
-    run_main(main)

@@ -1,28 +1,25 @@
-"""Tokenise local UTF-8 text files into train.bin / val.bin for pretraining.
+"""Local UTF-8 text files tokenised into train.bin / val.bin for pretraining (the library of
+data/text/prepare.py; data/wikitext103 writes its splits through `write_dataset` too).
 
-    python data/text/prepare.py --src '../shared/data/corpus/*.txt' --out_dir data/corpus
-
-Documents are separated by blank lines (or, with --doc_sep=file, each file is one
-document). A seeded random choice of whole documents, about --val_fraction of the text,
-becomes the validation set, so no document is split between the two. Each output is a flat
-array of uint16 GPT-2 token ids with the end-of-text token after every document.
+Documents are separated by blank lines (or, with doc_sep="file", each file is one document).
+A seeded random choice of whole documents, about val_fraction of the text, becomes the
+validation set, so no document is split between the two. Each output is a flat array of uint16
+GPT-2 token ids with the end-of-text token after every document.
 """
 
-import argparse
 import glob
 import hashlib
 import json
 import os
 import random
 import re
-import sys
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
-
-from common import UserError, run_main
+from common import UserError
+from download import download
 from tokenizer import EOT, VOCAB_SIZE, encode_batch
 
 
@@ -113,17 +110,14 @@ def prepare(sources: list[str], out_dir: Path, val_fraction: float = 0.01, seed:
     return write_dataset({"train": train, "val": val}, out_dir, [str(f) for f in files], digest.hexdigest())
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--src", action="append", required=True, help="file, folder or glob (repeatable)")
-    p.add_argument("--out_dir", required=True, type=Path)
-    p.add_argument("--val_fraction", type=float, default=0.01)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--doc_sep", choices=("blank", "file"), default="blank",
-                   help="documents are separated by blank lines, or each file is one document")
-    a = p.parse_args()
-    prepare(a.src, a.out_dir, a.val_fraction, a.seed, a.doc_sep)
-
-
-if __name__ == "__main__":
-    run_main(main)
+def fetch_sources(urls, out_dir: Path) -> list[str]:
+    """Each URL's file, downloaded into out_dir/sources/ (text of the user's own: no checksum is known,
+    so what is checked is that it arrived whole and, when read, that it is UTF-8)."""
+    paths: list[Path] = []
+    for i, url in enumerate(urls):
+        name = Path(urllib.parse.urlparse(url).path).name or f"source{i}.txt"
+        dest = out_dir / "sources" / name
+        if dest in paths:
+            dest = dest.with_name(f"{i}-{name}")
+        paths.append(download(url, dest, offline_hint=f"offline? copy {name} here and pass it with --src"))
+    return [str(p) for p in paths]

@@ -1,0 +1,47 @@
+"""Prepare the E2E NLG restaurant dataset (official release v1.0.0) for LoRA fine-tuning.
+
+    python data/e2e/prepare.py                                        # downloads the release (sha256 checked)
+    python data/e2e/prepare.py --src ../shared/data/e2e/e2e-dataset.zip   # a local copy: the zip or its folder
+    python data/e2e/prepare.py --url URL                              # the zip from a mirror of your own
+
+Without --src the zip is downloaded into OUT_DIR (once). OUT_DIR (default data/e2e/prepared)
+gets train.jsonl and dev.jsonl (one pair a line: mr, ref, prompt ids, target ids), test.jsonl
+(one MR group a line: mr, refs, prompt ids) and meta.json (counts, token statistics, checksums).
+"""
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+# Run as a script, Python puts data/e2e/ (not the repo root) on sys.path; the library lives at the root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from common import UserError, load_config, run_main, setting
+from data.e2e.dataset import DEFAULT_OUT, prepare
+from data.e2e.release import SPLIT_FILES, fetch_release
+
+
+@dataclass
+class E2EConfig:
+    src: str | None = setting(None, "the release zip or its unpacked folder (default: download)")
+    url: str | None = setting(None, "download the zip from this URL only (a mirror of your own)")
+    out_dir: str = setting(str(DEFAULT_OUT), "output folder for the .jsonl files and meta.json (and the zip)")
+
+    def check(self):
+        if self.src and self.url:
+            raise UserError("give --src (a local copy) or --url (a mirror), not both")
+
+
+def main(argv=None) -> None:
+    cfg = load_config(E2EConfig, sys.argv[1:] if argv is None else argv, doc=__doc__)
+    out_dir = Path(cfg.out_dir)
+    meta = prepare(Path(cfg.src) if cfg.src else fetch_release(out_dir, cfg.url), out_dir)
+    for split in SPLIT_FILES:
+        c, t = meta["counts"][split], meta["tokens"][split]
+        tokens, longest = ", ".join(f"{k} {v:,}" for k, v in t.items()), meta["max_len"][split]
+        print(f"{split:5s}: {c['pairs']:6,} pairs, {c['mrs']:5,} MRs; tokens: {tokens}; max length {longest}")
+    print(f"wrote {out_dir}/{{train,dev,test}}.jsonl and meta.json")
+
+
+if __name__ == "__main__":
+    run_main(main)

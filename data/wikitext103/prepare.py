@@ -1,0 +1,40 @@
+"""WikiText-103 (raw) tokenised into train.bin / val.bin / test.bin for pretraining.
+
+    python data/wikitext103/prepare.py                  # downloads the release (~190 MB), size and sha256 checked
+    python data/wikitext103/prepare.py --src PATH       # offline: the zip, or its unpacked folder
+    python data/wikitext103/prepare.py --url URL        # the zip from a mirror of your own (intranet, proxy)
+
+The download tries wikitext.smerity.com, then copies on the Hugging Face Hub (through
+HF_ENDPOINT if set), then the original S3 link. Its own train / valid / test split is kept;
+articles (the lines ` = Title = `) are the documents, each followed by the end-of-text token.
+"""
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+# Run as a script, Python puts data/wikitext103/ (not the repo root) on sys.path; the library lives at the root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from common import UserError, load_config, run_main, setting
+from data.wikitext103.dataset import DEFAULT_OUT, prepare
+
+
+@dataclass
+class WikiTextConfig:
+    src: str | None = setting(None, "wikitext-103-raw-v1.zip or its unpacked folder (default: download)")
+    url: str | None = setting(None, "download the zip from this URL only (a mirror of your own)")
+    out_dir: str = setting(str(DEFAULT_OUT), "output folder for the .bin files and meta.json (and the zip)")
+
+    def check(self):
+        if self.src and self.url:
+            raise UserError("give --src (a local copy) or --url (a mirror), not both")
+
+
+def main():
+    cfg = load_config(WikiTextConfig, sys.argv[1:], doc=__doc__)
+    prepare(cfg.src and Path(cfg.src), Path(cfg.out_dir), url=cfg.url)
+
+
+if __name__ == "__main__":
+    run_main(main)
