@@ -1,7 +1,7 @@
 """Our GPT-2 against transformers' GPT2LMHeadModel: a training step and KV-cache generation.
 
     python bench/model.py                 # CPU defaults: the study's 6-layer model, fp32
-    python bench/model.py --device cuda --dtype bfloat16 --batch 16 --seq 1024
+    python bench/model.py --device=cuda --dtype=bfloat16 --batch=16 --seq=1024
 
 Both models get the same config, the same weights (a random transformers model, loaded into
 ours through GPT.from_pretrained), the same batch and dtype, measured in the same run.
@@ -10,19 +10,35 @@ A training step is forward + backward + AdamW; generation is greedy decoding of
 both forced to the full length). Prints a Markdown table with tokens/s and the ratios.
 """
 
-import argparse
 import platform
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from common import load_config, run_main, setting
 from model import GPT
+
+
+@dataclass
+class ModelBenchConfig:
+    n_layer: int = setting(6, "transformer blocks", at_least=1)
+    n_head: int = setting(12, "attention heads", at_least=1)
+    n_embd: int = setting(768, "model width", at_least=1)
+    batch: int = setting(4, "training batch", at_least=1)
+    seq: int = setting(256, "training sequence length", at_least=1, at_most=1024)
+    gen_batch: int = setting(1, "generation batch", at_least=1)
+    prompt: int = setting(32, "prompt tokens for generation", at_least=1)
+    new_tokens: int = setting(64, "tokens generated per row", at_least=1)
+    repeats: int = setting(5, "timed repeats (the median is reported)", at_least=1)
+    device: str = setting("cpu", "cpu or cuda", choices=("cpu", "cuda"))
+    dtype: str = setting("float32", "float32, or bfloat16 autocast", choices=("float32", "bfloat16"))
 
 
 def timed(fn, repeats: int, device: str) -> float:
@@ -49,19 +65,7 @@ def machine(device: str) -> str:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n_layer", type=int, default=6)
-    p.add_argument("--n_head", type=int, default=12)
-    p.add_argument("--n_embd", type=int, default=768)
-    p.add_argument("--batch", type=int, default=4, help="training batch")
-    p.add_argument("--seq", type=int, default=256, help="training sequence length")
-    p.add_argument("--gen_batch", type=int, default=1)
-    p.add_argument("--prompt", type=int, default=32, help="prompt tokens for generation")
-    p.add_argument("--new_tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    args = p.parse_args()
+    args = load_config(ModelBenchConfig, sys.argv[1:], doc=__doc__)
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
@@ -124,4 +128,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

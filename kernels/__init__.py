@@ -18,13 +18,13 @@ __all__ = ["causal_attention", "causal_attention_reference", "triton_available",
 # -> {kind: the result file that shows it}. H100 and H200 are both (9, 0). A generation not listed runs PyTorch by
 # default (attn_impl='triton', lora.USE_KERNEL = True still turn a kernel on anywhere). bench/gpu_session.py prints
 # the entry its measurements support. Kinds:
-#   attention      training: forward + backward against SDPA (flash), and not slower in the whole training step
-#   attention_fwd  without autograd (a prompt's first decoding step): forward against SDPA
-#   lora           training: forward + backward against unfused PyTorch LoRA
-#   lora_fwd       without autograd: forward against unfused PyTorch LoRA
+#   attention        training: forward + backward against SDPA (flash), and not slower in the whole training step
+#   attention_fwd    without autograd (a prompt's first decoding step): forward against SDPA
+#   lora_linear      training: forward + backward against unfused PyTorch LoRA
+#   lora_linear_fwd  without autograd: forward against unfused PyTorch LoRA
 # Empty: the reworked kernels have not run on a GPU yet.
 MEASURED_WINS: dict[tuple[int, int], dict[str, str]] = {}
-KINDS = ("attention", "attention_fwd", "lora", "lora_fwd")
+KINDS = ("attention", "attention_fwd", "lora_linear", "lora_linear_fwd")
 _capabilities: dict = {}
 
 

@@ -255,7 +255,7 @@ def test_defaults_follow_measured_wins(monkeypatch):
     monkeypatch.setattr(kernels, "MEASURED_WINS", {(9, 0): {"attention_fwd": "bench/results/x.md"}})
     monkeypatch.setattr(kernels, "_capabilities", {0: (9, 0), 1: (8, 0)})
     assert kernels.wins("attention_fwd", torch.device("cuda", 0))
-    assert not kernels.wins("attention", "cuda:0") and not kernels.wins("lora", "cuda:0")
+    assert not kernels.wins("attention", "cuda:0") and not kernels.wins("lora_linear", "cuda:0")
     assert not kernels.wins("attention_fwd", "cuda:1") and not kernels.wins("attention_fwd", "cpu")
     with pytest.raises(ValueError, match="unknown kernel kind"):
         kernels.wins("attn", "cuda:0")
