@@ -7,6 +7,7 @@
     out_dir/metrics.jsonl, tb/ the run's records (trainer.RunLog)
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -75,3 +76,13 @@ def check_out_dir(out_dir, init_from: str) -> Path | None:
 def run_info(ckpt: Path) -> dict:
     """The checkpoint's config.json: what the run trains (model, LoRA, base) and its settings."""
     return json.loads((ckpt / "config.json").read_text())
+
+
+def resumed_settings(cfg, ckpt: Path):
+    """`cfg` for continuing the run in `ckpt`: every setting not given now is the run's own, so
+    that `--init_from=resume` alone continues the run as it was started."""
+    recorded = run_info(ckpt).get("train", {})
+    keep = {f.name for f in dataclasses.fields(cfg)} - set(cfg.given) - {"init_from"}
+    resumed = dataclasses.replace(cfg, **{k: v for k, v in recorded.items() if k in keep})
+    resumed.given = cfg.given
+    return resumed

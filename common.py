@@ -37,6 +37,20 @@ def run_main(main) -> None:
         sys.exit(130)
 
 
+DEVICE_HELP = "'auto' (cuda if present), 'cpu', 'cuda', 'cuda:1', ..."
+
+
+def resolve_device(name: str) -> str:
+    """A device setting made concrete: 'auto' is cuda when PyTorch sees a GPU."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device '{name}' asked for, but PyTorch sees no CUDA GPU; use --device=cpu")
+    return name
+
+
 # ----------------------------------------------------------------------------- declaring settings
 
 

@@ -25,7 +25,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS, PTBTokenizer
 
 from common import UserError
-from data.e2e.prepare import group_by_mr, parse_pairs_csv, read_split
+from data.e2e.release import group_by_mr, parse_pairs_csv, read_split
 
 METRICS = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
 JAVA_METRICS = ("METEOR", "ROUGE_L", "CIDEr")  # those whose official form needs Java (METEOR jar, PTB tokeniser)

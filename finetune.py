@@ -9,36 +9,23 @@ Only the adapter is trained and saved (out_dir/checkpoint/adapter.safetensors, a
 tokens only, never the prompt.
 """
 
-import json
+import dataclasses
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 
-from common import UserError, default_base, load_config, load_model, run_main
-from data.e2e.prepare import DEFAULT_OUT, ensure_prepared, load_prepared
+from checkpoints import ADAPTER_FILE, check_out_dir, resumed_settings, run_info
+from common import UserError, load_config, pick, run_main
+from data.e2e.dataset import ensure_prepared, load_prepared
 from lora import LoRAConfig, inject_lora, load_adapter, save_adapter
-from model import IGNORE_INDEX
+from loss import IGNORE_INDEX
+from model import ModelOptions
+from models import load_base, resolve
+from settings import FinetuneConfig
 from tokenizer import EOT
-from trainer import TrainConfig, check_out_dir, fit, setup_runtime, teardown
-
-ADAPTER_FILE = "adapter.safetensors"
-
-
-@dataclass
-class FinetuneConfig(TrainConfig):
-    out_dir: str = "out/lora_e2e"
-    init_from: str = ""  # the base: a run folder of ours ('' = the study's latest), gpt2-medium, or 'resume'
-    data_dir: str = str(DEFAULT_OUT)  # from data/e2e/prepare.py
-    train_subset: int = 0  # > 0: train on this many training pairs (a seeded random choice), for small runs
-    max_seq_len: int = 512
-    lora_r: int = 4
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.1
-    lora_targets: tuple = ("q", "v")
-    dropout: float = 0.0  # the base model's own dropout
-    attn_impl: str = "auto"
+from trainer import fit, setup_runtime, teardown
 
 
 class E2EPairs:
@@ -78,39 +65,53 @@ def load_data(cfg: FinetuneConfig) -> tuple[E2EPairs, E2EPairs]:
     return E2EPairs(train, cfg.max_seq_len), E2EPairs(load_prepared(data_dir, "dev"), cfg.max_seq_len)
 
 
-def lora_config(cfg: FinetuneConfig) -> LoRAConfig:
-    return LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets)
+def resumed_lora(cfg: FinetuneConfig, recorded: dict) -> LoRAConfig:
+    """The LoRA the resumed run trains; a setting given that says otherwise is refused, not ignored."""
+    lora = LoRAConfig(**recorded)
+    for f in fields(LoRAConfig):
+        if f.name in cfg.given and getattr(cfg, f.name) != getattr(lora, f.name):
+            raise UserError(f"--init_from=resume: the run in {cfg.out_dir} trains {f.name}={getattr(lora, f.name)!r}, "
+                            f"not {getattr(cfg, f.name)!r}; drop the setting or start a new run in another --out_dir")
+    return lora
 
 
 def main():
-    cfg = load_config(FinetuneConfig, sys.argv[1:])
-    resume_from = check_out_dir(cfg)
-    if resume_from is not None:  # the base the run was fine-tuning is recorded in its checkpoint
-        base = json.loads((resume_from / "config.json").read_text())["base"]
+    cfg = load_config(FinetuneConfig, sys.argv[1:], doc=__doc__)
+    resume_from = check_out_dir(cfg.out_dir, cfg.init_from)
+    if resume_from is not None:
+        cfg = resumed_settings(cfg, resume_from)
+    if resume_from is not None:  # the base and the LoRA are the run's own, recorded in its checkpoint
+        info = run_info(resume_from)
+        if "lora" not in info:
+            raise UserError(f"{cfg.out_dir} holds a pretraining run, not a LoRA run: resume it with python train.py "
+                            f"--out_dir={cfg.out_dir} --init_from=resume")
+        base, lora = info["base"], resumed_lora(cfg, info["lora"])
+        cfg = dataclasses.replace(cfg, **asdict(lora))
     else:
-        base = cfg.init_from or default_base()
+        base, lora = resolve(cfg.init_from), pick(LoRAConfig, cfg)
     rt = setup_runtime(cfg)
     try:
-        model = load_model(base, dropout=cfg.dropout, attn_impl=cfg.attn_impl)
-        if resume_from is not None:
-            load_adapter(model, resume_from / ADAPTER_FILE)
-        else:
-            inject_lora(model, lora_config(cfg))
-        model.to(rt.device).train()
-        train_set, val_set = load_data(cfg)
+        model = load_base(base, **asdict(pick(ModelOptions, cfg)))
         if cfg.max_seq_len > model.config.block_size:
             raise UserError(f"max_seq_len {cfg.max_seq_len} exceeds the base model's context "
                             f"({model.config.block_size}); lower --max_seq_len")
+        if resume_from is not None:
+            load_adapter(model, resume_from / ADAPTER_FILE)
+        else:
+            inject_lora(model, lora)
+        model.to(rt.device).train()
+        train_set, val_set = load_data(cfg)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if rt.master:
-            print(f"base {base}: {model.num_params() / 1e6:.1f}M parameters, LoRA {lora_config(cfg)}: "
-                  f"{trainable:,} trainable; {len(train_set):,} training pairs; device {rt.device}, {cfg.dtype}")
+            print(f"base {base}: {model.num_params() / 1e6:.1f}M parameters, LoRA r={lora.lora_r} alpha="
+                  f"{lora.lora_alpha:g} on {', '.join(lora.lora_targets)}: {trainable:,} trainable; "
+                  f"{len(train_set):,} training pairs; device {rt.device}, {cfg.dtype}")
 
         def export(folder: Path):
             save_adapter(model, folder / ADAPTER_FILE, {"base": str(base)})
 
         fit(cfg, rt, model, train_set, val_set, export,
-            run_info={"base": str(base), "model": asdict(model.config), "lora": asdict(lora_config(cfg))},
+            run_info={"base": str(base), "model": asdict(model.config), "lora": asdict(lora)},
             resume_from=resume_from)
     finally:
         teardown(rt)

@@ -18,8 +18,8 @@ from common import UserError
 from model import GPT
 
 LATEST = "latest"
-# Where the study's pretraining runs leave their weights, latest first.
-STUDY_RUNS = ("out/pretrain_continue", "out/pretrain")
+# Where the study's pretraining runs leave their weights, latest first, and the configs that make them.
+STUDY_RUNS = {"out/pretrain_continue": "config/pretrain_continue.py", "out/pretrain": "config/pretrain.py"}
 
 
 def latest_pretrained() -> str:

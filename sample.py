@@ -1,28 +1,35 @@
-"""Continue prompts with a trained model.
+"""Continue prompts from a file with a trained model.
 
-    python sample.py --prompts prompts.txt                      # the study's pretrained model
-    python sample.py --prompts prompts.txt --ckpt out/pretrain_small --greedy
-    python sample.py --prompts prompts.txt --init_from gpt2-medium
+    python sample.py --prompts prompts.txt                          # the study's latest pretraining run
+    python sample.py --prompts prompts.txt --model out/pretrain_small --greedy
+    python sample.py --prompts prompts.txt --model gpt2-medium --temperature 0.8 --top_p 0.95
 
-One prompt per line. Each prompt is printed with its continuations, and all of them are
-appended (with the settings used) to samples.txt in the checkpoint's folder.
+Each prompt is printed with its continuation, and appended, with the settings, to samples.txt
+beside the model (or --out) as soon as it is made.
 """
 
-import argparse
 import datetime
+import sys
 import warnings
 from pathlib import Path
 
 import torch
 
-from common import UserError, default_base, load_model, run_main
+from common import UserError, load_config, resolve_device, run_main
+from models import load_model, resolve
+from settings import SampleConfig
 from tokenizer import EOT, decode, encode
 
 
 def read_prompts(path: Path) -> list[str]:
     if not path.is_file():
         raise UserError(f"prompt file {path} not found")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"prompt file {path} is not UTF-8 text (byte {e.start}); convert it first, e.g. "
+                        f"iconv -f latin1 -t utf-8 {path}") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise UserError(f"prompt file {path} is empty: write one prompt per line")
     return prompts
@@ -37,49 +44,50 @@ def fit_prompt(ids: list[int], room: int, prompt: str) -> list[int]:
     return ids or [EOT]  # an empty prompt starts from the document boundary
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompts", type=Path, default=Path("prompts.txt"))
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--ckpt", help="a run folder of ours (default: the study's latest pretraining run)")
-    src.add_argument("--init_from", help="a Hugging Face GPT-2: gpt2, gpt2-medium, ... or a local folder")
-    p.add_argument("--max_new_tokens", type=int, default=100)
-    p.add_argument("--num_samples", type=int, default=1)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top_k", type=int, default=200)
-    p.add_argument("--top_p", type=float, default=None)
-    p.add_argument("--greedy", action="store_true")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", type=Path, help="file the samples are appended to (default: <model folder>/samples.txt)")
-    a = p.parse_args()
+def samples_file(cfg: SampleConfig, source: str) -> Path:
+    """Where the samples go: --out, else samples.txt in the model's run folder (out/<name> for a hub name)."""
+    if cfg.out:
+        return Path(cfg.out)
+    path = Path(source)
+    if path.is_file():
+        path = path.parent
+    if path.name.startswith("checkpoint") and (path.parent / "metrics.jsonl").exists():
+        path = path.parent  # a checkpoint folder: its run's folder
+    return (path if path.is_dir() else Path("out") / source) / "samples.txt"
 
-    prompts = read_prompts(a.prompts)
-    source = a.init_from or a.ckpt or default_base()
-    model = load_model(source).to(a.device).eval()
-    room = model.config.block_size - a.max_new_tokens
+
+def main():
+    cfg = load_config(SampleConfig, sys.argv[1:], doc=__doc__)
+    prompts = read_prompts(Path(cfg.prompts))
+    device = resolve_device(cfg.device)
+    source = resolve(cfg.model)
+    model = load_model(source).to(device).eval()
+    room = model.config.block_size - cfg.max_new_tokens
     if room < 1:
-        raise UserError(f"max_new_tokens ({a.max_new_tokens}) leaves no room for a prompt in the model's context "
+        raise UserError(f"max_new_tokens ({cfg.max_new_tokens}) leaves no room for a prompt in the model's context "
                         f"of {model.config.block_size} tokens")
-    generator = torch.Generator(a.device).manual_seed(a.seed)
-    out = a.out or (Path(source) if Path(source).is_dir() and not a.init_from else Path("out") / source) / "samples.txt"
-    settings = (f"model {source}; " + ("greedy" if a.greedy else f"temperature {a.temperature}, top_k {a.top_k}, "
-                                       f"top_p {a.top_p}, seed {a.seed}") + f"; max_new_tokens {a.max_new_tokens}")
-    lines = [f"# {datetime.datetime.now():%Y-%m-%d %H:%M} {settings}"]
-    for prompt in prompts:
-        ids = fit_prompt(encode(prompt), room, prompt)
-        idx = torch.tensor([ids] * a.num_samples, device=a.device)
-        rows = model.generate(idx, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                              greedy=a.greedy, stop_token=EOT, generator=generator)
-        print(f"\n=== {prompt}")
-        for row in rows.tolist():
-            new = row[len(ids):]
-            text = decode(new[:new.index(EOT)] if EOT in new else new)
-            print(f"--- {prompt}{text}" if a.num_samples > 1 else f"{prompt}{text}")
-            lines.append(f"{prompt}{text}".replace("\n", " ") + "\n")
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    out = samples_file(cfg, source)
+    greedy = cfg.greedy or cfg.temperature == 0
+    how = "greedy" if greedy else (f"temperature {cfg.temperature}, top_k {cfg.top_k}, top_p {cfg.top_p}, "
+                                   f"seed {cfg.seed}")
+    settings = f"model {source}; {how}; max_new_tokens {cfg.max_new_tokens}"
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n\n")
+        f.write(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} {settings}\n")
+        for prompt in prompts:
+            ids = fit_prompt(encode(prompt), room, prompt)
+            idx = torch.tensor([ids] * cfg.num_samples, device=device)
+            rows = model.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                                  top_p=cfg.top_p, greedy=greedy, stop_token=EOT, generator=generator)
+            print(f"\n=== {prompt}")
+            for row in rows.tolist():
+                new = row[len(ids):]
+                text = decode(new[:new.index(EOT)] if EOT in new else new)
+                print(f"--- {prompt}{text}" if cfg.num_samples > 1 else f"{prompt}{text}")
+                f.write(f"{prompt}{text}".replace("\n", " ") + "\n")
+            f.flush()  # each continuation is kept as soon as it is made
+        f.write("\n")
     print(f"\nsamples appended to {out}")
 
 

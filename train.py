@@ -3,45 +3,33 @@
     python train.py config/pretrain.py [--key=value ...]
     torchrun --standalone --nproc_per_node=8 train.py config/pretrain.py   # several GPUs (DDP)
 
-`init_from`: 'scratch' (a new model), 'resume' (continue out_dir's run exactly), or the
-out_dir of an earlier run, whose weights start a new run (as config/pretrain_continue.py does).
+`init_from`: 'scratch' (a new model), 'resume' (continue out_dir's run exactly), or any model
+(models.py: an earlier run's folder, a file, gpt2, ...) whose weights start a new run, as
+config/pretrain_continue.py does.
 """
 
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from common import UserError, load_config, load_model, run_main
-from model import GPT, GPTConfig
-from trainer import TrainConfig, check_out_dir, fit, setup_runtime, teardown
-
-WIKITEXT_DIR = Path(__file__).resolve().parent / "data" / "wikitext103"
-
-
-@dataclass
-class PretrainConfig(TrainConfig):
-    out_dir: str = "out/pretrain"
-    data_dir: str = "data/wikitext103"  # holds train.bin and val.bin from a data/*/prepare.py
-    # the model (ignored when init_from loads an earlier run's weights)
-    n_layer: int = 6
-    n_head: int = 12
-    n_embd: int = 768
-    block_size: int = 1024
-    dropout: float = 0.0
-    bias: bool = True
-    attn_impl: str = "auto"
+from checkpoints import MODEL_FILE, check_out_dir, resumed_settings, run_info
+from common import UserError, load_config, pick, run_main
+from model import GPT, GPTConfig, ModelOptions
+from models import load_base
+from settings import PretrainConfig
+from trainer import fit, setup_runtime, teardown
 
 
 class TokenBlocks:
     """A token file cut into non-overlapping blocks: example i is tokens[i*T : (i+1)*T], its
     targets the same window shifted by one."""
 
-    def __init__(self, path: Path, block_size: int):
+    def __init__(self, path: Path, block_size: int, vocab_size: int):
         self.tokens = np.memmap(path, dtype=np.uint16, mode="r")
-        self.block_size = block_size
+        self.block_size, self.vocab_size = block_size, vocab_size
         if len(self) == 0:
             raise UserError(f"{path} holds {len(self.tokens)} tokens, fewer than one block of {block_size} + 1")
 
@@ -50,48 +38,70 @@ class TokenBlocks:
 
     def batch(self, indices):
         T = self.block_size
-        rows = np.stack([self.tokens[i * T:(i + 1) * T + 1] for i in indices]).astype(np.int64)
-        rows = torch.from_numpy(rows)
+        rows = torch.from_numpy(np.stack([self.tokens[i * T:(i + 1) * T + 1] for i in indices]).astype(np.int64))
         return rows[:, :-1], rows[:, 1:]
 
+    def check_ids(self, path: Path) -> None:
+        """Fail in one line on token ids the model has no embedding for (a file made for another vocabulary)."""
+        top = int(self.tokens.max()) if len(self.tokens) else 0
+        if top >= self.vocab_size:
+            raise UserError(f"{path} holds token id {top}, beyond the model's vocabulary of {self.vocab_size}: "
+                            f"prepare it with this project's GPT-2 tokenizer (data/text/prepare.py)")
 
-def load_data(cfg: PretrainConfig, block_size: int) -> tuple[TokenBlocks, TokenBlocks]:
+
+def load_data(cfg: PretrainConfig, model_cfg: GPTConfig) -> tuple[TokenBlocks, TokenBlocks]:
+    from data.wikitext103.dataset import ensure_prepared
+
     data_dir = Path(cfg.data_dir)
-    if not (data_dir / "train.bin").exists() and data_dir.resolve() == WIKITEXT_DIR:
-        from data.wikitext103.prepare import prepare
-
-        print(f"{data_dir}/train.bin not found: preparing WikiText-103 (a ~190 MB download)")
-        prepare(out_dir=data_dir)
+    ensure_prepared(data_dir)
+    sets = []
     for split in ("train", "val"):
-        if not (data_dir / f"{split}.bin").exists():
-            raise UserError(f"{data_dir}/{split}.bin not found: prepare data first, e.g. python data/text/prepare.py "
+        path = data_dir / f"{split}.bin"
+        if not path.exists():
+            raise UserError(f"{path} not found: prepare data first, e.g. python data/text/prepare.py "
                             f"--src 'FILES' --out_dir {data_dir}, or point --data_dir at prepared data")
-    return TokenBlocks(data_dir / "train.bin", block_size), TokenBlocks(data_dir / "val.bin", block_size)
+        blocks = TokenBlocks(path, model_cfg.block_size, model_cfg.vocab_size)
+        blocks.check_ids(path)
+        sets.append(blocks)
+    return sets[0], sets[1]
 
 
 def build_model(cfg: PretrainConfig, resume_from: Path | None) -> GPT:
-    runtime = {"dropout": cfg.dropout, "attn_impl": cfg.attn_impl}
+    options = asdict(pick(ModelOptions, cfg))
     if resume_from is not None:
-        return GPT.from_file(resume_from / "model.safetensors", **runtime)
+        model = GPT.from_file(resume_from / MODEL_FILE, **options)
+        # the run's architecture is its own: a setting that says otherwise is refused, not ignored
+        recorded = model.config.architecture()
+        changed = [k for k in recorded if k in cfg.given and getattr(cfg, k) != recorded[k]]
+        if changed:
+            k = changed[0]
+            raise UserError(f"--init_from=resume: the run in {cfg.out_dir} has {k}={recorded[k]}, not "
+                            f"{getattr(cfg, k)}; drop the setting or start a new run in another --out_dir")
+        return model
     if cfg.init_from == "scratch":
-        return GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                             dropout=cfg.dropout, bias=cfg.bias, attn_impl=cfg.attn_impl))
-    return load_model(cfg.init_from, **runtime)
+        return GPT(pick(GPTConfig, cfg))
+    return load_base(cfg.init_from, **options)
 
 
 def main():
-    cfg = load_config(PretrainConfig, sys.argv[1:])
-    resume_from = check_out_dir(cfg)
+    cfg = load_config(PretrainConfig, sys.argv[1:], doc=__doc__)
+    resume_from = check_out_dir(cfg.out_dir, cfg.init_from)
+    if resume_from is not None:
+        cfg = resumed_settings(cfg, resume_from)
+    if resume_from is not None and "lora" in run_info(resume_from):
+        raise UserError(f"{cfg.out_dir} holds a LoRA fine-tuning run: resume it with python finetune.py "
+                        f"--out_dir={cfg.out_dir} --init_from=resume")
     rt = setup_runtime(cfg)
     try:
         model = build_model(cfg, resume_from).to(rt.device)
-        train_set, val_set = load_data(cfg, model.config.block_size)
+        train_set, val_set = load_data(cfg, model.config)
         if rt.master:
             print(f"model: {model.num_params() / 1e6:.1f}M parameters ({model.config.n_layer} layers, "
                   f"{model.config.n_head} heads, {model.config.n_embd} dims); {len(train_set):,} training blocks "
                   f"of {model.config.block_size} tokens; device {rt.device}, {cfg.dtype}, {rt.world} process(es)")
-        fit(cfg, rt, model, train_set, val_set, export=lambda folder: model.save(folder / "model.safetensors"),
-            run_info={"model": asdict(model.config), "data_dir": cfg.data_dir}, resume_from=resume_from)
+        fit(cfg, rt, model, train_set, val_set, export=lambda folder: model.save(folder / MODEL_FILE),
+            run_info={"model": asdict(model.config), "data_dir": cfg.data_dir, "init_from": cfg.init_from},
+            resume_from=resume_from)
     finally:
         teardown(rt)
 

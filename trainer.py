@@ -14,7 +14,6 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -25,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from checkpoints import load_train_state, save_checkpoint
-from common import UserError, setting
+from common import DEVICE_HELP, UserError, resolve_device, setting
 
 
 @dataclass
@@ -54,7 +53,7 @@ class TrainConfig:
     log_interval: int = setting(10, "steps between training records (and the only host syncs)", at_least=1)
     progress: bool = setting(True, "show a progress bar")
     # system
-    device: str = setting("auto", "'auto' (cuda if present), 'cpu', 'cuda', 'cuda:1', ...")
+    device: str = setting("auto", DEVICE_HELP)
     dtype: str = setting("float32", "float32, or autocast to bfloat16 / float16",
                          choices=("float32", "bfloat16", "float16"))
     compile: bool = setting(False, "torch.compile the model")
@@ -93,9 +92,7 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
     """Devices, DDP (when started by torchrun), seeds and mixed precision for this process."""
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in
                                (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
-    want = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if want.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device '{want}' asked for, but PyTorch sees no CUDA GPU; use --device=cpu")
+    want = resolve_device(cfg.device)
     if world > 1:
         if want.startswith("cuda"):
             want = f"cuda:{local_rank}"

@@ -1,7 +1,7 @@
 # LoRA on E2E NLG, the LoRA paper's recipe (Hu et al., 2021, GPT-2 on E2E), applied to the
 # study's own pretrained GPT-2 (the latest of out/pretrain_continue, out/pretrain).
 out_dir = "out/lora_e2e"
-init_from = ""  # '' = the study's pretrained model; or a run folder, or gpt2-medium
+init_from = "latest"  # the study's newest pretraining run; or a run folder, a model file, gpt2-medium
 
 lora_r = 4
 lora_alpha = 32.0

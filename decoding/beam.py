@@ -196,7 +196,8 @@ def beam_search(model, prompts: list[list[int]], beam_size: int = 10, length_pen
                 h = h_new if h is None else torch.cat([h, h_new])
                 live = torch.cat([live, torch.tensor(new, device=device)])
                 steps, fin_scores = grow(steps, n_new, 0), grow(fin_scores, n_new, -math.inf, K)
-                seqs, fin_seqs = grow(seqs, n_new, eos, K, max_new_tokens), grow(fin_seqs, n_new, eos, K, max_new_tokens)
+                seqs = grow(seqs, n_new, eos, K, max_new_tokens)
+                fin_seqs = grow(fin_seqs, n_new, eos, K, max_new_tokens)
                 beam_scores = grow(beam_scores, n_new, -math.inf, K)
                 beam_scores[-n_new:, 0] = 0.0
             A = live.numel()

@@ -1,0 +1,85 @@
+"""Every entry point's settings, in one place, so that any script can read another's config files.
+
+Each class is made of the parts it shares with others, so that a setting is declared once and
+keeps one name from config file to use: PretrainConfig is TrainConfig + GPTConfig, a fine-tuning
+run is TrainConfig + LoRAConfig + the base's ModelOptions, and so on.
+"""
+
+from dataclasses import dataclass
+
+from common import DEVICE_HELP, UserError, setting
+from data.e2e.dataset import DEFAULT_OUT as E2E_DATA
+from decoding import BEAM_RULES, METHODS
+from lora import LoRAConfig
+from model import GPTConfig, ModelOptions
+from trainer import TrainConfig
+
+
+@dataclass
+class PretrainConfig(TrainConfig, GPTConfig):
+    out_dir: str = setting("out/pretrain", "the run's folder: checkpoint/, metrics.jsonl, tb/")
+    init_from: str = setting("scratch", "'scratch' (a new model of the settings below), 'resume' (continue out_dir's "
+                             "run exactly), or a model to start from (models.py: a run folder, a file, gpt2, ...)")
+    data_dir: str = setting("data/wikitext103", "holds train.bin and val.bin from a data/*/prepare.py")
+
+
+@dataclass
+class FinetuneConfig(TrainConfig, LoRAConfig, ModelOptions):
+    out_dir: str = setting("out/lora_e2e", "the run's folder: checkpoint/ (the adapter alone), metrics.jsonl, tb/")
+    init_from: str = setting("latest", "the base: 'latest' (the study's newest pretraining run), a run folder, a "
+                             "model file, a Hugging Face folder or hub name (gpt2-medium), or 'resume'")
+    data_dir: str = setting(str(E2E_DATA), "from data/e2e/prepare.py")
+    train_subset: int = setting(0, "> 0: train on this many training pairs (a seeded random choice)", at_least=0)
+    max_seq_len: int = setting(512, "longest prompt + reference, in tokens (longer pairs are cut)", at_least=2)
+
+
+@dataclass
+class SampleConfig:
+    model: str = setting("latest", "what to sample from (models.py): 'latest', a run folder (LoRA runs too), a "
+                         "model file, a Hugging Face folder or hub name")
+    prompts: str = setting("prompts.txt", "a UTF-8 file, one prompt per line")
+    max_new_tokens: int = setting(100, "tokens to add to each prompt", at_least=1)
+    num_samples: int = setting(1, "continuations per prompt", at_least=1)
+    temperature: float = setting(0.8, "sampling temperature; 0 is greedy", at_least=0.0)
+    top_k: int | None = setting(200, "sample among the k likeliest tokens (None: all)", at_least=1)
+    top_p: float | None = setting(None, "sample within the smallest set of probability ≥ p (None: off)", above=0.0,
+                                  at_most=1.0)
+    greedy: bool = setting(False, "always take the likeliest token")
+    seed: int = setting(1337, "of the sampling", at_least=0)
+    device: str = setting("auto", DEVICE_HELP)
+    out: str = setting("", "file the samples are appended to (default: samples.txt beside the model)")
+
+
+@dataclass
+class DecodeConfig:
+    method: str = setting("beam", "beam search or greedy decoding", choices=tuple(m for m in METHODS if m != "sample"))
+    beam_size: int = setting(10, "beams per MR", at_least=1)
+    length_penalty: float = setting(0.8, "a finished hypothesis scores sum_logprob / length ** length_penalty")
+    no_repeat_ngram_size: int = setting(4, "no n-gram twice within an output; 0: off", at_least=0)
+    max_new_tokens: int = setting(64, "longest output, in tokens", at_least=1)
+    beam_rule: str = setting("paper", "'paper' (the LoRA paper's decoder) or 'transformers' (generate()'s rule); "
+                             "see decoding/beam.py", choices=BEAM_RULES)
+    batch_size: int | None = setting(None, "MRs decoded side by side (None: by device)", at_least=1)
+
+    def decoding(self) -> dict:
+        """The settings that decide the outputs, as scores.json records them."""
+        keys = ("method",) if self.method == "greedy" else (
+            "method", "beam_size", "length_penalty", "no_repeat_ngram_size", "beam_rule")
+        return {k: getattr(self, k) for k in (*keys, "max_new_tokens")}
+
+
+@dataclass
+class EvalConfig(DecodeConfig):
+    configs: tuple = setting(("config/lora_e2e.py", "config/lora_e2e_gpt2m.py"),
+                             "fine-tuning configs: each gives two rows, its base before and after LoRA")
+    out_dir: str = setting("out/e2e_eval", "outputs, scores.md and scores.json")
+    data_dir: str = setting(str(E2E_DATA), "from data/e2e/prepare.py")
+    max_mrs: int = setting(0, "only the first N test MRs (a quick check; the table says so)", at_least=0)
+    device: str = setting("auto", DEVICE_HELP)
+    outputs: str = setting("", "score this file of system outputs (one line per test MR) instead")
+    refs: str = setting("", "with outputs: testset_w_refs.csv, or the release zip")
+    json: bool = setting(False, "with outputs: print one JSON object")
+
+    def check(self):
+        if self.refs and not self.outputs:
+            raise UserError("refs goes with outputs: --outputs FILE --refs testset_w_refs.csv")
