@@ -1,13 +1,13 @@
 """Beam-search speed: our decoding.beam_search against transformers' GPT2LMHeadModel.generate.
 
-    python bench/beam.py [--n 20] [--batch 10] [--round 100] [--no-refill] [--model RUN_OR_FILE [--adapter ADAPTER]]
-                         [--csv testset_w_refs.csv]
+    python bench/beam.py [--n=20] [--batch=10] [--round=100] [--no_refill] [--model=RUN_OR_FILE [--adapter=ADAPTER]]
+                         [--csv=testset_w_refs.csv]
 
 Both decode the first --n MRs of the E2E test set (prompt: linearised MR + " ||") with beam 10,
 length penalty 0.8, no repeated 4-gram, at most 64 new tokens, stop at EOT, on the same
 weights, fp32, in one run, with at most --batch MRs side by side (padded on the left):
 transformers a batch at a time, ours taking the next MR as soon as one is done (continuous
-batching; --no-refill: a batch at a time as well). The weights: a random GPT-2 (GPTConfig's
+batching; --no_refill: a batch at a time as well). The weights: a random GPT-2 (GPTConfig's
 size by default) made by transformers and loaded into ours with GPT.from_pretrained, or with
 --model a model of ours (a run folder or a file; with --adapter its LoRA adapter merged in)
 exported into transformers. With random weights the model almost never picks EOT, so every
@@ -30,24 +30,37 @@ may finish, the same early_stopping=False heuristic):
   divides by the generated length, as ours does.
 """
 
-import argparse
 import csv
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo root
 
 import torch
 
-from common import UserError, run_main
+from common import UserError, load_config, run_main, setting
 from decoding import beam_search, left_pad
 from model import GPT, GPTConfig
 from tokenizer import EOT, encode_batch
 
 DEFAULT_CSV = Path(__file__).resolve().parents[2] / "shared/data/e2e/testset_w_refs.csv"
 SEARCH = dict(beam_size=10, length_penalty=0.8, no_repeat_ngram_size=4, max_new_tokens=64)
+
+
+@dataclass
+class BeamBenchConfig:
+    n: int = setting(20, "MRs to decode", at_least=1)
+    batch: int = setting(10, "MRs per batch", at_least=1)
+    round: int = setting(100, "MRs per turn of each decoder", at_least=1)
+    no_refill: bool = setting(False, "ours a batch at a time too (no continuous batching)")
+    model: str = setting("", "a model of ours: run folder or .safetensors (default: random weights)")
+    adapter: str = setting("", "with --model: a LoRA adapter to merge into it")
+    csv: str = setting(str(DEFAULT_CSV), "E2E test set")
+    seed: int = setting(0, "seed of the random weights")
+    threads: int = setting(0, "CPU threads (0: torch's choice)", at_least=0)
 
 
 def read_prompts(path: Path, n: int) -> tuple[list[str], str]:
@@ -105,8 +118,9 @@ def to_transformers(model: GPT):
 
 
 def hf_beam_search(hf, prompts: list[list[int]], max_new_tokens: int = SEARCH["max_new_tokens"]) -> list[list[int]]:
-    idx, pad = left_pad(prompts, EOT, "cpu")
-    mask = torch.ones_like(idx) if pad is None else (torch.arange(idx.size(1)) >= pad[:, None]).long()
+    idx, pad = left_pad(prompts, EOT, hf.device)
+    columns = torch.arange(idx.size(1), device=idx.device)
+    mask = torch.ones_like(idx) if pad is None else (columns >= pad[:, None]).long()
     out = hf.generate(input_ids=idx, attention_mask=mask, num_beams=SEARCH["beam_size"],
                       length_penalty=SEARCH["length_penalty"], no_repeat_ngram_size=SEARCH["no_repeat_ngram_size"],
                       max_new_tokens=max_new_tokens, early_stopping=False, do_sample=False,
@@ -114,20 +128,10 @@ def hf_beam_search(hf, prompts: list[list[int]], max_new_tokens: int = SEARCH["m
     return [s[:s.index(EOT)] if EOT in s else s for s in out[:, idx.size(1):].tolist()]
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=20, help="MRs to decode (default: %(default)s)")
-    parser.add_argument("--batch", type=int, default=10, help="MRs per batch (default: %(default)s)")
-    parser.add_argument("--round", type=int, default=100, help="MRs per turn of each decoder (default: %(default)s)")
-    parser.add_argument("--no-refill", action="store_true", help="ours a batch at a time too (no continuous batching)")
-    parser.add_argument("--model", help="a model of ours: run folder or .safetensors (default: random weights)")
-    parser.add_argument("--adapter", type=Path, help="with --model: a LoRA adapter to merge into it")
-    parser.add_argument("--csv", type=Path, default=DEFAULT_CSV, help="E2E test set (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
-    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
-    args = parser.parse_args(argv)
-    if min(args.n, args.batch, args.round) < 1:
-        raise UserError("--n, --batch and --round must be at least 1")
+def main() -> None:
+    args = load_config(BeamBenchConfig, sys.argv[1:], doc=__doc__)
+    if args.adapter and not args.model:
+        raise UserError("--adapter needs --model (the base it adapts)")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -135,16 +139,16 @@ def main(argv=None) -> None:
     except ImportError:
         raise UserError("the bench compares against transformers: pip install transformers") from None
 
-    texts, reader = read_prompts(args.csv, args.n)
+    texts, reader = read_prompts(Path(args.csv), args.n)
     prompts = encode_batch(texts)
     if args.model:
-        from common import load_model
-        from lora import bake_lora, load_adapter
+        from lora import load_adapter, merge_and_unload
+        from models import load_model
 
         ours, weights = load_model(args.model), args.model
         if args.adapter:
-            load_adapter(ours, args.adapter)
-            ours, weights = bake_lora(ours), f"{args.model} + LoRA {args.adapter}"
+            load_adapter(ours, Path(args.adapter))
+            ours, weights = merge_and_unload(ours), f"{args.model} + LoRA {args.adapter}"
         hf = to_transformers(ours)
     else:
         ours, hf = random_models(GPTConfig(), args.seed)
