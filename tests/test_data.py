@@ -1,16 +1,16 @@
-"""data/text/prepare.py and data/wikitext103/prepare.py: round trips, splits, errors."""
+"""data/text and data/wikitext103 (their library modules and prepare scripts): round trips, splits, errors."""
 
 import json
 import zipfile
 
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, run_cli, shared_path
+from conftest import REPO, assert_one_line_error, run_cli, shared_path
 
 from common import UserError
-from data.text.prepare import prepare as prepare_text
-from data.wikitext103.prepare import prepare as prepare_wikitext
-from data.wikitext103.prepare import split_articles
+from data.text.dataset import prepare as prepare_text
+from data.wikitext103.dataset import prepare as prepare_wikitext
+from data.wikitext103.dataset import split_articles
 from tokenizer import EOT, decode
 
 
@@ -95,6 +95,30 @@ def test_wikitext_offline_without_src_is_one_line(tmp_path):
     r = run_cli("data/wikitext103/prepare.py", "--out_dir", tmp_path,
                 env={"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"})
     assert_one_line_error(r, "could not download", "--src")
-    with pytest.raises(UserError, match="not a zip file"):
+    assert not list(tmp_path.iterdir())  # no zip, no .part
+    with pytest.raises(UserError, match="not a readable zip file"):
         (tmp_path / "bad.zip").write_text("no")
         prepare_wikitext(tmp_path / "bad.zip", tmp_path)
+
+
+@pytest.mark.parametrize("script", ["data/text/prepare.py", "data/wikitext103/prepare.py", "data/e2e/prepare.py"])
+def test_prepare_scripts_help_and_bad_settings(script, tmp_path):
+    r = run_cli(script, "--help")
+    assert r.returncode == 0 and "--src" in r.stdout and "--url" in r.stdout and "--out_dir" in r.stdout
+    assert_one_line_error(run_cli(script, "--no_such_key=1"), "unknown config key 'no_such_key'")
+    if script != "data/text/prepare.py":
+        assert_one_line_error(run_cli(script, "--src", tmp_path, "--url", "http://127.0.0.1:9/x.zip"), "not both")
+
+
+def test_text_script_settings(tmp_path):
+    (tmp_path / "a.txt").write_text("one\n\ntwo\n\nthree")
+    (tmp_path / "b.txt").write_text("four\n\nfive")
+    assert_one_line_error(run_cli("data/text/prepare.py", "--out_dir", tmp_path / "out"), "--src")
+    assert_one_line_error(run_cli("data/text/prepare.py", "--src", tmp_path / "a.txt"), "--out_dir")
+    assert_one_line_error(run_cli("data/text/prepare.py", "--src", tmp_path / "a.txt", "--out_dir", tmp_path / "o",
+                                  "--val_fraction", "1.5"), "val_fraction")
+    r = run_cli(REPO / "data/text/prepare.py", "--src", "a.txt,b.txt", "--out_dir", "o", "--doc_sep", "file",
+                cwd=tmp_path)  # from another folder too
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((tmp_path / "o" / "meta.json").read_text())
+    assert meta["train_documents"] + meta["val_documents"] == 2  # two files, one document each

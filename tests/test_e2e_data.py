@@ -1,4 +1,4 @@
-"""data/e2e/prepare.py: reading the official E2E release, MR linearisation, tokenised examples, the prepare CLI."""
+"""data/e2e: reading the official E2E release, MR linearisation, tokenised examples, the prepare CLI."""
 
 import re
 import subprocess
@@ -12,16 +12,9 @@ import pytest
 from conftest import REPO, SHARED
 
 from common import UserError, run_main
-from data.e2e import prepare
-from data.e2e.prepare import (
-    format_prompt,
-    group_by_mr,
-    linearize_mr,
-    load_prepared,
-    parse_mr,
-    read_split,
-    tokenize_example,
-)
+from data.e2e import dataset, prepare
+from data.e2e.dataset import format_prompt, linearize_mr, load_prepared, parse_mr, tokenize_example
+from data.e2e.release import group_by_mr, read_split
 from tokenizer import EOT, decode
 
 ZIP = SHARED / "data" / "e2e" / "e2e-dataset.zip"
@@ -149,7 +142,7 @@ def test_prepare_writes_and_loads(tmp_path, capsys):
     test = load_prepared(out, "test")
     assert [(r["mr"], r["refs"]) for r in test] == [("name[D]", ["D one.", "D two."]), ("name[E]", ["E."])]
     meta = (out / "meta.json").read_text()
-    assert '"pairs": 3' in meta and prepare._sha256(src.read_bytes()) in meta
+    assert '"pairs": 3' in meta and dataset._sha256(src.read_bytes()) in meta
 
 
 def test_load_prepared_missing_names_the_command(tmp_path):
