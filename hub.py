@@ -33,6 +33,11 @@ def _offline_hint(name: str, endpoint: str) -> str:
             f"into a folder, copy it here and pass that folder instead of '{name}'; or set HF_ENDPOINT to a Hub mirror")
 
 
+def _first_sentence(error: BaseException) -> str:
+    text = " ".join(str(error).split())  # the library's messages may span lines
+    return f"{type(error).__name__}: {text.split('. ')[0]}" if text else type(error).__name__
+
+
 def _from_hub(name: str) -> Path:
     import httpx2
     from huggingface_hub import constants, hf_hub_download
@@ -50,7 +55,7 @@ def _from_hub(name: str) -> Path:
     hint = _offline_hint(name, constants.ENDPOINT)
     try:
         return fetch(repo)
-    except LocalEntryNotFoundError:
+    except LocalEntryNotFoundError as e:
         try:  # a cache filled before the repo moved holds it under its old id
             return fetch(name, local_only=True)
         except LocalEntryNotFoundError:
@@ -58,8 +63,8 @@ def _from_hub(name: str) -> Path:
         if constants.HF_HUB_OFFLINE:
             raise UserError(f"{repo} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
                             f"HF_HUB_OFFLINE is set; {hint}") from None
-        raise UserError(f"could not reach {constants.ENDPOINT} for {repo}, and it is not in the Hugging Face cache "
-                        f"({constants.HF_HUB_CACHE}); {hint}") from None
+        raise UserError(f"could not get {repo} from {constants.ENDPOINT} ({_first_sentence(e.__cause__ or e)}), and "
+                        f"it is not in the Hugging Face cache ({constants.HF_HUB_CACHE}); {hint}") from None
     except HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else "?"
         raise UserError(f"{constants.ENDPOINT} answered HTTP {status} for {repo} "
