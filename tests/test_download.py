@@ -148,6 +148,18 @@ def test_a_bad_transfer_is_one_line_keeps_nothing_and_the_next_mirror_is_used(se
     assert (tmp_path / "x.zip").read_bytes() == DATA and leftovers(tmp_path) == ["x.zip"]
 
 
+def test_redirects_are_followed_with_our_user_agent(server, tmp_path):
+    # The Hub's /resolve/ URLs answer with a redirect to their file store.
+    def moved(handler, send_body):
+        _send(handler, 302, b"", {"Location": "/store/x.zip"}, send_body)
+
+    server.routes |= {"/resolve/x.zip": moved, "/store/x.zip": serves(DATA, picky=True)}
+    download(server.url("/resolve/x.zip"), tmp_path / "x.zip", sha256=SHA, offline_hint="hint")
+    assert (tmp_path / "x.zip").read_bytes() == DATA
+    assert [(path, headers["User-Agent"]) for _, path, headers in server.log] == [
+        ("/resolve/x.zip", USER_AGENT), ("/store/x.zip", USER_AGENT)]
+
+
 def test_a_check_can_reject_what_arrived(server, tmp_path):
     server.routes["/x.zip"] = serves(DATA)
 
