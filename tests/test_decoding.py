@@ -1,4 +1,4 @@
-"""Beam search, greedy and sampling in decoding.py, on tiny random models (CPU, seconds)."""
+"""Beam search, its KV cache, greedy and sampling in decoding/, on tiny random models (CPU, seconds)."""
 
 import itertools
 import math
@@ -6,10 +6,14 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import decoding
+import decoding.beam as beam
 from common import UserError
-from decoding import ban_repeated_ngrams, beam_search, decode, repeated_ngrams, sample, stay_in_place
+from decoding import beam_search, continuations, generate_batch
+from decoding.beam import ban_repeated_ngrams, repeated_ngrams, stay_in_place
+from decoding.beam_cache import BeamCache, grouped_one_query_attention
 from model import GPT, GPTConfig, KVCache
 
 
@@ -48,9 +52,41 @@ def sequence_logprobs(model, prompt, continuations) -> list[float]:
     return [row[:len(c)].sum().item() for row, c in zip(logp, continuations)]
 
 
+def banned_tokens(seq, ngram) -> set:
+    """The tokens that would repeat an n-gram of seq."""
+    if not ngram or len(seq) < ngram:
+        return set()
+    suffix = seq[len(seq) - ngram + 1:]
+    return {seq[i + ngram - 1] for i in range(len(seq) - ngram + 1) if seq[i:i + ngram - 1] == suffix}
+
+
+def reference_paper_beam_search(model, prompt, beam_size, length_penalty, ngram, max_new_tokens, eos):
+    """The LoRA paper's decoder (beam_rule='paper'), plainly for one prompt: n-grams banned on the
+    logits, the best beam_size candidates go on unless they end in EOT, no early stop."""
+    beams, best = [(0.0, [])], None
+    for t in range(max_new_tokens):
+        candidates = []
+        for total, seq in beams:
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + seq]))[0][0, -1].double()
+            logits[list(banned_tokens(seq, ngram))] = -math.inf
+            candidates += [(total + lp, [*seq, tok]) for tok, lp in enumerate(logits.log_softmax(-1).tolist())
+                           if lp > -math.inf]
+        beams = []
+        for total, seq in sorted(candidates, key=lambda c: -c[0])[:beam_size]:
+            if seq[-1] == eos or t == max_new_tokens - 1:
+                if best is None or total / (t + 1) ** length_penalty > best[0]:
+                    best = (total / (t + 1) ** length_penalty, seq)
+            else:
+                beams.append((total, seq))
+        if not beams:
+            break
+    return best[1][:-1] if best[1][-1] == eos else best[1]
+
+
 def reference_beam_search(model, prompt, beam_size, length_penalty, ngram, max_new_tokens, eos):
-    """The rules of decoding.beam_search, written plainly for one prompt: Python lists, an uncached
-    forward pass per beam, no batching, no padding."""
+    """The rules of beam_search (beam_rule='transformers'), written plainly for one prompt: Python
+    lists, an uncached forward pass per beam, no batching, no padding."""
     K = beam_size
     beams, finished = [(0.0, [])], []  # (sum_logprob, tokens), (score, tokens)
     for t in range(max_new_tokens):
@@ -58,8 +94,7 @@ def reference_beam_search(model, prompt, beam_size, length_penalty, ngram, max_n
         for total, seq in beams:
             with torch.no_grad():
                 logp = model(torch.tensor([prompt + seq]))[0][0, -1].float().log_softmax(-1).tolist()
-            banned = {seq[i + ngram - 1] for i in range(len(seq) - ngram + 1)
-                      if seq[i:i + ngram - 1] == seq[len(seq) - ngram + 1:]} if ngram and len(seq) >= ngram else set()
+            banned = banned_tokens(seq, ngram)
             candidates += [(total + lp, [*seq, tok]) for tok, lp in enumerate(logp) if tok not in banned]
         candidates = sorted(candidates, key=lambda c: -c[0])[:2 * K]
         for total, seq in candidates[:K]:
@@ -79,10 +114,22 @@ def reference_beam_search(model, prompt, beam_size, length_penalty, ngram, max_n
                           (20, 1, 5, 0.8, 3, 64), (20, 1, 5, 0.8, 3, 7), (12, 0, 0, 0.8, 2, 2)])
 def test_beam_search_follows_the_reference(vocab, seed, eos, length_penalty, ngram, chunk, monkeypatch):
     model = tiny_model(vocab, seed=seed)
-    monkeypatch.setattr(decoding, "HEAD_CHUNK", chunk * model.config.n_embd)  # chunk < vocab: several chunks
+    monkeypatch.setattr(beam, "HEAD_CHUNK", chunk * model.config.n_embd)  # chunk < vocab: several chunks
     prompts = random_prompts([3, 11, 1, 6, 8, 2], vocab, eos, seed=5)
     kw = dict(beam_size=3, length_penalty=length_penalty, no_repeat_ngram_size=ngram, max_new_tokens=20, eos=eos)
     assert beam_search(model, prompts, **kw) == [reference_beam_search(model, p, *kw.values()) for p in prompts]
+
+
+@pytest.mark.parametrize(("vocab", "seed", "eos", "length_penalty", "ngram", "chunk"),
+                         [(12, 0, 0, 0.8, 2, 64), (20, 1, 5, 0.8, 3, 7), (12, 0, 0, 2.0, 4, 64)])
+def test_paper_rule_follows_its_reference(vocab, seed, eos, length_penalty, ngram, chunk, monkeypatch):
+    model = tiny_model(vocab, seed=seed)
+    monkeypatch.setattr(beam, "HEAD_CHUNK", chunk * model.config.n_embd)
+    prompts = random_prompts([3, 11, 1, 6, 8, 2], vocab, eos, seed=5)
+    kw = dict(beam_size=3, length_penalty=length_penalty, no_repeat_ngram_size=ngram, max_new_tokens=20, eos=eos)
+    want = [reference_paper_beam_search(model, p, *kw.values()) for p in prompts]
+    assert beam_search(model, prompts, beam_rule="paper", **kw) == want
+    assert want != [reference_beam_search(model, p, *kw.values()) for p in prompts]  # the rules differ here
 
 
 def test_beam_1_is_greedy():
@@ -148,7 +195,7 @@ def test_ban_repeated_ngrams_matches_a_plain_loop():
 
 @pytest.mark.parametrize("chunk", [3, 7, 64])
 def test_top_next_tokens_match_a_whole_row_log_softmax(chunk, monkeypatch):
-    monkeypatch.setattr(decoding, "HEAD_CHUNK", chunk * 16)  # chunk vocabulary entries of 16 weights
+    monkeypatch.setattr(beam, "HEAD_CHUNK", chunk * 16)  # chunk vocabulary entries of 16 weights
     torch.manual_seed(0)
     weight, h = torch.randn(40, 16), torch.randn(6, 16) * 3
     generated, lengths = torch.randint(0, 40, (6, 30)), torch.arange(25, 31)
@@ -158,7 +205,7 @@ def test_top_next_tokens_match_a_whole_row_log_softmax(chunk, monkeypatch):
     unbanned = logp.topk(9).indices
     want = ban_repeated_ngrams(logp, repeated_ngrams(generated, lengths, 3)).topk(9)
     assert not torch.equal(want.indices, unbanned)  # the ban changes the answer
-    got, ids = decoding.top_next_tokens(weight, h, 9, generated, lengths, 3)
+    got, ids = beam.top_next_tokens(weight, h, 9, generated, lengths, 3)
     torch.testing.assert_close(got, want.values, rtol=0, atol=1e-5)
     assert torch.equal(ids, want.indices)
     assert not want.values.isinf().any()  # the ban left nine tokens in every row
@@ -200,8 +247,8 @@ def test_batched_prompts_of_different_lengths_decode_as_alone():
     batched = beam_search(model, prompts, **kw)
     assert len({len(o) for o in batched}) > 2  # prompts finish at different steps
     assert batched == [beam_search(model, [p], **kw)[0] for p in prompts]
-    greedy = sample(model, prompts, greedy=True, max_new_tokens=20, eos=eos)
-    assert greedy == [sample(model, [p], greedy=True, max_new_tokens=20, eos=eos)[0] for p in prompts]
+    greedy = generate_batch(model, prompts, greedy=True, max_new_tokens=20, eos=eos)
+    assert greedy == [generate_batch(model, [p], greedy=True, max_new_tokens=20, eos=eos)[0] for p in prompts]
 
 
 def test_done_prompts_leave_the_batch_and_decoding_stops_early(monkeypatch):
@@ -229,9 +276,9 @@ def test_continuous_batching_decodes_each_prompt_as_alone(monkeypatch):
     assert len({len(o) for o in alone}) > 5  # prompts are done at different steps
 
     rows, shifts = [], []  # rows of each step's forward pass, and the cache's column shifts
-    forward, shift = model.hidden_states, KVCache._shift
+    forward, shift = model.hidden_states, BeamCache._shift
     monkeypatch.setattr(model, "hidden_states", lambda idx, cache: rows.append(idx.shape) or forward(idx, cache))
-    monkeypatch.setattr(KVCache, "_shift", lambda cache, n: shifts.append(n) or shift(cache, n))
+    monkeypatch.setattr(BeamCache, "_shift", lambda cache, n: shifts.append(n) or shift(cache, n))
     done = []
     assert beam_search(model, prompts, max_live=3, on_done=done.append, **kw) == alone
     assert sum(done) == len(prompts)
@@ -249,13 +296,13 @@ def test_decode_goes_longest_first_and_returns_input_order(monkeypatch):
     want = [beam_search(model, [p], **kw)[0] for p in prompts]
     calls = []
     monkeypatch.setattr(decoding, "beam_search", lambda m, b, **k: calls.append((b, k)) or beam_search(m, b, **k))
-    assert decode(model, prompts, batch_size=3, progress=False, **kw) == want
+    assert continuations(model, prompts, batch_size=3, progress=False, **kw) == want
     (batch, k), = calls
     assert [len(p) for p in batch] == [17, 11, 9, 6, 4, 3, 1] and k["max_live"] == 3
-    greedy = [sample(model, [p], greedy=True, max_new_tokens=12, eos=eos)[0] for p in prompts]
-    assert decode(model, prompts, method="greedy", batch_size=2, progress=False, max_new_tokens=12, eos=eos) == greedy
-    sampled = decode(model, prompts, method="sample", batch_size=2, progress=False, max_new_tokens=12, eos=eos,
-                     generator=torch.Generator().manual_seed(0))
+    greedy = [generate_batch(model, [p], greedy=True, max_new_tokens=12, eos=eos)[0] for p in prompts]
+    kw = dict(batch_size=2, progress=False, max_new_tokens=12, eos=eos)
+    assert continuations(model, prompts, method="greedy", **kw) == greedy
+    sampled = continuations(model, prompts, method="sample", generator=torch.Generator().manual_seed(0), **kw)
     assert len(sampled) == len(prompts) and all(eos not in s and len(s) <= 12 for s in sampled)
 
 
@@ -273,5 +320,106 @@ def test_bad_requests_are_user_errors():
         beam_search(model, [[1] * 10], max_new_tokens=60, eos=11)
     with pytest.raises(UserError, match="max_live"):
         beam_search(model, [[1]], max_new_tokens=5, max_live=0, eos=11)
+    with pytest.raises(UserError, match="unknown beam_rule"):
+        beam_search(model, [[1]], max_new_tokens=5, beam_rule="fairseq", eos=11)
     with pytest.raises(UserError, match="unknown decoding method"):
-        decode(model, [[1]], method="nucleus")
+        continuations(model, [[1]], method="nucleus")
+
+
+# ----------------------------------------------------------------------------- the beam cache
+
+def cache_config():
+    return GPTConfig(n_layer=2, n_head=2, n_embd=8, block_size=16, vocab_size=10)
+
+
+def beam_cache(batch_size, max_len, pad, group=1) -> BeamCache:
+    """A BeamCache of a tiny model with len(pad) rows in use, padded as given."""
+    cache = BeamCache(GPT(cache_config()), batch_size, max_len, group)
+    cache.rows = len(pad)
+    cache.set_pad(torch.tensor(pad))
+    return cache
+
+
+def test_cache_reorder_equals_indexing_its_filled_positions():
+    cache = beam_cache(6, 12, pad=[0, 2, 1])
+    cache.filled = 5
+    for layer in range(2):
+        cache.update(layer, torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4))
+
+    def filled():
+        rows = slice(0, cache.rows)
+        return cache.k[:, rows, :, :cache.filled].clone(), cache.v[:, rows, :, :cache.filled].clone(), cache.pad.clone()
+
+    # more rows (up to the buffers' size), a permutation with repeats, fewer rows; each as plain indexing would do
+    for index in ([0, 0, 1, 1, 2, 2], [1, 0, 0, 5, 4, 4], [0, 1, 5, 4]):
+        index = torch.tensor(index)
+        k, v, pad = filled()
+        want = k[:, index], v[:, index], pad[index]
+        cache.reorder(index)
+        for got, w in zip(filled(), want):
+            assert torch.equal(got, w)
+    # the generated columns only (2 of 5 in each group of 2 rows): the positions before stay as they were
+    k, v, _ = filled()
+    cache.group = 2
+    cache.reorder(torch.tensor([1, 0, 3, 2]), generated=torch.tensor([2, 2]))
+    assert torch.equal(cache.k[:, :4, :, :3], k[:, :, :, :3])
+    assert torch.equal(cache.k[:, :4, :, 3:5], k[:, [1, 0, 3, 2], :, 3:5])
+    assert torch.equal(cache.v[:, :4, :, 3:5], v[:, [1, 0, 3, 2], :, 3:5])
+    # groups at different steps (group 0 generated 5 tokens, group 1 three): rows 2 and 3 take rows 0 and 1
+    # from column 2 on, straight row to row
+    k, v, _ = filled()
+    cache.reorder(torch.tensor([0, 1, 0, 1]), generated=torch.tensor([5, 3]))
+    for buf, old in ((cache.k, k), (cache.v, v)):
+        assert torch.equal(buf[:, :2, :, :5], old[:, :2])
+        assert torch.equal(buf[:, 2, :, :2], old[:, 2, :, :2]) and torch.equal(buf[:, 2, :, 2:5], old[:, 0, :, 2:5])
+        assert torch.equal(buf[:, 3, :, :2], old[:, 3, :, :2]) and torch.equal(buf[:, 3, :, 2:5], old[:, 1, :, 2:5])
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_one_query_attention_reads_shared_keys_once_per_group_with_the_same_result(with_mask):
+    torch.manual_seed(0)
+    g, groups, H, S, T, D = 3, 4, 2, 5, 3, 8  # 4 groups of 3 rows share their first 5 keys and values
+    B = g * groups
+    k, v = (torch.randn(B, H, S + T, D, dtype=torch.float64) for _ in range(2))
+    for x in (k, v):
+        x[:, :, :S] = x[::g, :, :S].repeat_interleave(g, 0)
+    q = torch.randn(B, H, 1, D, dtype=torch.float64)
+    mask = None
+    if with_mask:  # shared padding in the shared columns, anything in the others, never all masked
+        shared_pad = (torch.rand(groups, 1, 1, S) > 0.4).repeat_interleave(g, 0)
+        mask = torch.cat([shared_pad, torch.rand(B, 1, 1, T) > 0.4], -1)
+        mask[..., -1] = True
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # float64; ours: the softmax in float32
+    for groups_of, shared in ((g, S), (g, 2), (1, 0), (g, 0)):
+        got = grouped_one_query_attention(q, k, v, mask, groups_of, shared)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    # it does read the shared columns from each group's first row only
+    k[1::g, :, :S] += 1.0
+    torch.testing.assert_close(grouped_one_query_attention(q, k, v, mask, g, S), want, rtol=0, atol=1e-6)
+
+
+def test_cache_insert_and_make_room_keep_every_rows_positions():
+    cache = beam_cache(7, 10, pad=[1, 3], group=2)
+    fresh = KVCache(cache_config(), 2, 7, "cpu", torch.float32, pad=torch.tensor([2, 0]))
+    for c, n, rows in ((cache, 5, 2), (fresh, 7, 2)):
+        c.filled = n
+        for layer in range(2):
+            c.update(layer, torch.randn(rows, 2, n, 4), torch.randn(rows, 2, n, 4))
+
+    def real(c, row):  # the keys and values of a row's own tokens, and the position of its next one
+        p = c.pad[row].item()
+        return c.k[:, row, :, p:c.filled].clone(), c.v[:, row, :, p:c.filled].clone(), c.filled - p
+
+    before = [real(cache, r) for r in range(2)] + [real(fresh, r) for r in (0, 1, 1)]
+    cache.insert(fresh, 2)  # 7 columns into a cache of 5: its columns move right first
+    cache.reorder(torch.tensor([0, 1, 2, 4, 5]))
+    assert (cache.rows, cache.filled, cache.start) == (5, 7, 0)
+    for row, want in enumerate(before):
+        assert all(torch.equal(g, w) for g, w in zip(real(cache, row)[:2], want[:2])) and real(cache, row)[2] == want[2]
+    with pytest.raises(RuntimeError, match="full"):  # row 3 starts at column 0: nothing to give back
+        cache.append(4)
+    cache.reorder(torch.tensor([2, 0, 1]))
+    cache.make_room(4)  # the columns before the first token of every row go
+    assert (cache.len, cache.lo) == (5, 0)
+    for row, want in enumerate([before[2], before[0], before[1]]):
+        assert all(torch.equal(g, w) for g, w in zip(real(cache, row)[:2], want[:2])) and real(cache, row)[2] == want[2]

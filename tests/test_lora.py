@@ -14,12 +14,12 @@ from lora import (
     TARGETS,
     LoRAConfig,
     LoRALinear,
-    bake_lora,
     base_fingerprint,
     inject_lora,
     load_adapter,
     lora_parameters,
     lora_state_dict,
+    merge_and_unload,
     merge_lora,
     read_adapter_meta,
     save_adapter,
@@ -56,14 +56,14 @@ def logits(model):
 def test_fresh_adapter_leaves_logits_unchanged():
     model = tiny()
     before = logits(model)
-    inject_lora(model, LoRAConfig(targets=ALL))
+    inject_lora(model, LoRAConfig(lora_targets=ALL))
     assert torch.equal(logits(model), before)
 
 
 def test_output_matches_hand_merged_weights_and_unmerge_is_exact():
     model = tiny()
     reference = copy.deepcopy(model)
-    cfg = LoRAConfig(targets=("q", "v", "mlp_in"))
+    cfg = LoRAConfig(lora_targets=("q", "v", "mlp_in"))
     inject_lora(model, cfg)
     randomize_b(model)
     original = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -89,10 +89,10 @@ def test_output_matches_hand_merged_weights_and_unmerge_is_exact():
 
 
 def test_baked_model_is_a_plain_gpt_with_the_update(tmp_path):
-    model = inject_lora(tiny(), LoRAConfig(targets=ALL))
+    model = inject_lora(tiny(), LoRAConfig(lora_targets=ALL))
     randomize_b(model)
     adapted = logits(model)
-    baked = bake_lora(model)
+    baked = merge_and_unload(model)
     assert not any(isinstance(m, LoRALinear) for m in baked.modules())
     assert torch.allclose(logits(baked), adapted, atol=1e-5)
     baked.save(tmp_path / "baked.safetensors")  # the names are the plain model's again
@@ -102,17 +102,17 @@ def test_baked_model_is_a_plain_gpt_with_the_update(tmp_path):
 def test_beam_search_sees_an_unmerged_adapter_as_its_baked_model():
     from decoding import beam_search
 
-    model = inject_lora(tiny(), LoRAConfig(targets=ALL))  # 'wte' included: the head's weight is adapted
+    model = inject_lora(tiny(), LoRAConfig(lora_targets=ALL))  # 'wte' included: the head's weight is adapted
     randomize_b(model)
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
     kw = dict(beam_size=3, max_new_tokens=6, eos=0)
-    assert beam_search(model, prompts, **kw) == beam_search(bake_lora(copy.deepcopy(model)), prompts, **kw)
+    assert beam_search(model, prompts, **kw) == beam_search(merge_and_unload(copy.deepcopy(model)), prompts, **kw)
     assert beam_search(model, prompts, **kw) != beam_search(tiny(), prompts, **kw)
 
 
 def test_only_lora_parameters_train():
     model = tiny()
-    cfg = LoRAConfig(targets=ALL, dropout=0.0)
+    cfg = LoRAConfig(lora_targets=ALL, lora_dropout=0.0)
     inject_lora(model, cfg)
     randomize_b(model)
     model.train()
@@ -125,8 +125,8 @@ def test_only_lora_parameters_train():
         else:
             assert not p.requires_grad and p.grad is None, name
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-    per_block = [t for t in cfg.targets if t != "wte"]  # 'wte' is one update for the whole model
-    expected = (model.config.n_layer * len(per_block) + ("wte" in cfg.targets)) * 2  # an A and a B each
+    per_block = [t for t in cfg.lora_targets if t != "wte"]  # 'wte' is one update for the whole model
+    expected = (model.config.n_layer * len(per_block) + ("wte" in cfg.lora_targets)) * 2  # an A and a B each
     assert len(optimizer.param_groups[0]["params"]) == len(lora_names) == expected
     # the base weights keep their names, under .base
     assert "transformer.h.0.attn.c_attn.base.weight" in dict(model.named_parameters())
@@ -135,7 +135,7 @@ def test_only_lora_parameters_train():
 @pytest.mark.parametrize("targets", [("q",), ("k",), ("v",), ("q", "v"), ("k", "v")])
 def test_each_of_q_k_v_adapts_only_its_third(targets):
     model = tiny()
-    inject_lora(model, LoRAConfig(targets=targets))
+    inject_lora(model, LoRAConfig(lora_targets=targets))
     randomize_b(model)
     layer = model.transformer.h[0].attn.c_attn
     x = torch.randn(2, 5, C)
@@ -150,7 +150,7 @@ def test_each_of_q_k_v_adapts_only_its_third(targets):
 def test_dropout_applies_to_the_lora_input_only():
     model = tiny()
     before = logits(model)
-    inject_lora(model, LoRAConfig(targets=ALL, dropout=0.5))
+    inject_lora(model, LoRAConfig(lora_targets=ALL, lora_dropout=0.5))
     model.train()  # the GPT's own dropout is 0: only LoRA's is random
     assert torch.equal(logits(model), before) and torch.equal(logits(model), before)
     randomize_b(model)
@@ -163,7 +163,7 @@ def test_adapter_round_trip(tmp_path):
     base_path, adapter = tmp_path / "base.safetensors", tmp_path / "adapter.safetensors"
     tiny().save(base_path)
     model = GPT.from_file(base_path).eval()
-    cfg = LoRAConfig(r=2, alpha=8, targets=("q", "v", "attn_out"))
+    cfg = LoRAConfig(lora_r=2, lora_alpha=8, lora_targets=("q", "v", "attn_out"))
     inject_lora(model, cfg)
     randomize_b(model)
     want = logits(model)
@@ -209,7 +209,7 @@ def test_adapter_refused_by_another_base(tmp_path):
     with pytest.raises(UserError, match="another architecture: n_layer is 2 there, 3 here"):
         load_adapter(tiny(n_layer=3), adapter)
 
-    differently_injected = inject_lora(tiny(seed=0), LoRAConfig(targets=("q",)))
+    differently_injected = inject_lora(tiny(seed=0), LoRAConfig(lora_targets=("q",)))
     with pytest.raises(UserError, match=r"targets=\['q', 'v'\].*targets=\['q'\]"):
         load_adapter(differently_injected, adapter)
 
@@ -217,7 +217,7 @@ def test_adapter_refused_by_another_base(tmp_path):
 def test_fingerprint_ignores_lora_merging_and_bf16_but_not_weights():
     model = tiny()
     fp = base_fingerprint(model)
-    inject_lora(model, LoRAConfig(targets=ALL))
+    inject_lora(model, LoRAConfig(lora_targets=ALL))
     randomize_b(model)
     assert base_fingerprint(model) == fp
     merge_lora(model)
@@ -231,10 +231,10 @@ def test_fingerprint_ignores_lora_merging_and_bf16_but_not_weights():
 
 def test_config_and_injection_errors():
     with pytest.raises(UserError, match="unknown LoRA target 'o'; valid targets: q, k, v, attn_out, mlp_in, mlp_out"):
-        LoRAConfig(targets=("q", "o"))
-    with pytest.raises(UserError, match="rank"):
-        LoRAConfig(r=0)
-    assert LoRAConfig(targets=["v", "q", "v"]).targets == ("q", "v")
+        LoRAConfig(lora_targets=("q", "o"))
+    with pytest.raises(UserError, match="config key 'lora_r' is 0"):
+        LoRAConfig(lora_r=0)
+    assert LoRAConfig(lora_targets=["v", "q", "v"]).lora_targets == ("q", "v")
     model = inject_lora(tiny(), LoRAConfig())
     with pytest.raises(UserError, match="twice"):
         inject_lora(model, LoRAConfig())
@@ -256,7 +256,7 @@ KERNEL_CHECK = """
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=32))
-    inject_lora(model, LoRAConfig(targets=("q", "v", "mlp_in"), dropout=0.0))
+    inject_lora(model, LoRAConfig(lora_targets=("q", "v", "mlp_in"), lora_dropout=0.0))
     with torch.no_grad():
         for _, p in lora_parameters(model):
             p.normal_(0, 0.1)

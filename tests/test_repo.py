@@ -6,8 +6,7 @@ import pytest
 from conftest import REPO
 
 from common import load_config
-from finetune import FinetuneConfig
-from train import PretrainConfig
+from settings import FinetuneConfig, PretrainConfig
 
 
 def readme_commands() -> tuple[str, str]:
