@@ -57,7 +57,7 @@ class DecodeConfig:
     length_penalty: float = setting(0.8, "a finished hypothesis scores sum_logprob / length ** length_penalty")
     no_repeat_ngram_size: int = setting(4, "no n-gram twice within an output; 0: off", at_least=0)
     max_new_tokens: int = setting(64, "longest output, in tokens", at_least=1)
-    beam_rule: str = setting("paper", "'paper' (the LoRA paper's decoder) or 'transformers' (generate()'s rule); "
+    beam_rule: str = setting("transformers", "'transformers' (generate()'s rule) or 'paper' (the LoRA paper's decoder); "
                              "see decoding/beam.py", choices=BEAM_RULES)
     batch_size: int | None = setting(None, "MRs decoded side by side (None: by device)", at_least=1)
 

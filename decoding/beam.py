@@ -133,10 +133,12 @@ def beam_search(model, prompts: list[list[int]], beam_size: int = 10, length_pen
     best_running_sum_logprob / t**length_penalty after t tokens (a heuristic, not a bound: with
     length_penalty > 0 a longer continuation could still score higher), or when no beam runs.
 
-    beam_rule='paper' (the LoRA paper's E2E decoder): repeated n-grams are banned on the logits,
-    before the softmax; the best beam_size candidates go on, and one that ends in EOT is finished
-    and its beam dies (it is not replaced); every other beam runs to max_new_tokens, where it is
-    finished as it stands. A prompt is done when none of its beams is alive: exact, no heuristic.
+    beam_rule='paper' (the LoRA paper's E2E decoder, microsoft/LoRA's gpt2_beam.py): repeated
+    n-grams are banned on the logits, before the softmax; of the best beam_size candidates, those
+    that end in EOT are finished and the others go on (fewer than beam_size for a step: the next
+    step's best beam_size candidates fill the beam again); a beam that reaches max_new_tokens is
+    finished as it stands. A prompt is done at max_new_tokens, or when all of a step's candidates
+    end in EOT: no early stop.
 
     Batching: up to `max_live` prompts (default: all) are decoded side by side, each at its own
     step; when one is done, its cache rows go to the next prompt in line, so that the batch

@@ -84,7 +84,7 @@ class BeamCache(KVCache):
     def insert(self, other: KVCache, rows: int) -> None:
         """Append the `rows` rows of `other` (new prompts, read into a cache of their own), each
         `group` times, aligned so that they end where this cache's rows do."""
-        n = other.len
+        n = other.filled
         if n > self.filled:
             self._shift(n - self.filled)
         index = torch.arange(rows, device=self.k.device).repeat_interleave(self.group)
