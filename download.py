@@ -4,7 +4,7 @@
 
 Each URL is tried in turn with a descriptive User-Agent (some hosts refuse Python's default
 with 403) and a timeout. The bytes go to `dest.part`; only when the transfer is complete and
-the known size, sha256 and an optional `check(path)` agree is it renamed to `dest`. A mirror
+the known size and sha256 agree is it renamed to `dest`. A mirror
 that fails is reported and the next one tried; when all fail, one UserError line says what each
 answered, then `offline_hint`. Proxies come from the usual http_proxy / https_proxy variables;
 file:// URLs work too (a copy on a shared disk).
@@ -15,7 +15,7 @@ import http.client
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from common import UserError
@@ -60,9 +60,8 @@ def _fetch(url: str, part: Path, size: int | None, timeout: float) -> tuple[int,
 
 
 def download(urls: str | Sequence[str], dest, *, sha256: str | None = None, size: int | None = None,
-             check: Callable[[Path], None] | None = None, offline_hint: str, timeout: float = TIMEOUT_S) -> Path:
-    """Fetch the first of `urls` that delivers the right file to `dest` (see the module docstring).
-    `check(path)` may raise UserError to reject what arrived (e.g. a zip missing a member)."""
+             offline_hint: str, timeout: float = TIMEOUT_S) -> Path:
+    """Fetch the first of `urls` that delivers the right file to `dest` (see the module docstring)."""
     urls = [urls] if isinstance(urls, str) else list(urls)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -77,11 +76,6 @@ def download(urls: str | Sequence[str], dest, *, sha256: str | None = None, size
                     raise _MirrorFailed(f"sent {received:,} bytes, not the {size:,} expected")
                 if sha256 is not None and digest != sha256.lower():
                     raise _MirrorFailed(f"sent a file whose sha256 is {digest}, not {sha256}")
-                if check is not None:
-                    try:
-                        check(part)
-                    except UserError as e:
-                        raise _MirrorFailed(str(e)) from None
             except _MirrorFailed as e:
                 part.unlink(missing_ok=True)
                 failures.append((url, str(e)))

@@ -3,7 +3,7 @@ library of data/wikitext103/prepare.py).
 
 Its own train / valid / test split is kept. Articles (the lines ` = Title = `) are the
 documents: each is followed by the end-of-text token. The release zip is downloaded from the
-first of MIRRORS that serves it whole (its size and sha256 checked), or taken from --src.
+first of mirrors() that serves it whole (its size and sha256 checked), or taken from --src.
 """
 
 import hashlib
@@ -17,9 +17,9 @@ from download import download
 
 DEFAULT_OUT = Path(__file__).resolve().parent
 ZIP_NAME = "wikitext-103-raw-v1.zip"
-# The release as Salesforce published it: 191,984,949 bytes, sha256 as in the Git LFS records of
-# the two Hub copies below (each page shows it) and in Julia's MLDatasets registration of the
-# original S3 file: three independent records of one file.
+# The release as Salesforce published it: 191,984,949 bytes; the sha256 is the one the Hub shows in the
+# Git LFS details of both copies below, and the one a Julia DataDeps registration pins for the original
+# S3 file: independent records of one file. (Not downloadable where this was written, so not recomputed.)
 ZIP_SIZE = 191_984_949
 ZIP_SHA256 = "91c00ae287f0d699e18605c84afc9e45c192bc6b7797ff8837e5474655a33794"
 # Copies of that zip on the Hugging Face Hub (datasets repos), reached through HF_ENDPOINT if set.
@@ -80,7 +80,7 @@ def read_release(src: Path) -> dict[str, str]:
 
 
 def fetch_release(out_dir: Path, url: str | None = None) -> Path:
-    """The release zip in out_dir, downloaded first (from `url` alone if given, else MIRRORS) if it is not there."""
+    """The release zip in out_dir, downloaded first (from `url` alone if given, else mirrors()) if it is not there."""
     dest = Path(out_dir) / ZIP_NAME
     if dest.exists():
         return dest
