@@ -9,8 +9,10 @@ from conftest import REPO, assert_one_line_error, run_cli, tiny_train_args
 
 import train
 import trainer
+from checkpoints import find_checkpoint, load_train_state, save_checkpoint
 from common import UserError, load_config
-from trainer import EpochSampler, TrainConfig, find_checkpoint, lr_at
+from settings import PretrainConfig
+from trainer import EpochSampler, TrainConfig, lr_at
 
 
 def records(out, split="train"):
@@ -122,16 +124,16 @@ def test_checkpoint_swap_survives_a_crash(tmp_path):
     def export(folder):
         (folder / "w.txt").write_text("new")
 
-    trainer.save_checkpoint(tmp_path, export, {"step": 1}, {})
+    save_checkpoint(tmp_path, export, {"step": 1}, {})
     assert find_checkpoint(tmp_path) == tmp_path / "checkpoint"
     # a crash between the two renames leaves only checkpoint.old (and maybe a half-written tmp)
     (tmp_path / "checkpoint").rename(tmp_path / "checkpoint.old")
     (tmp_path / "checkpoint.tmp").mkdir()
     assert find_checkpoint(tmp_path) == tmp_path / "checkpoint.old"
-    trainer.save_checkpoint(tmp_path, export, {"step": 2}, {})
+    save_checkpoint(tmp_path, export, {"step": 2}, {})
     assert find_checkpoint(tmp_path) == tmp_path / "checkpoint"
     assert not (tmp_path / "checkpoint.tmp").exists()
-    assert trainer.load_train_state(find_checkpoint(tmp_path))["step"] == 2
+    assert load_train_state(find_checkpoint(tmp_path))["step"] == 2
 
 
 def test_lr_schedule():
@@ -173,23 +175,23 @@ def test_optimizer_decays_matrices_only(tiny_model):
 
 
 def test_config_files_and_overrides(tmp_path):
-    cfg = load_config(train.PretrainConfig, [str(REPO / "config/pretrain_continue.py"), "--lr=1e-3", "--epochs=2"])
+    cfg = load_config(PretrainConfig, [str(REPO / "config/pretrain_continue.py"), "--lr=1e-3", "--epochs=2"])
     assert cfg.init_from == "out/pretrain" and cfg.n_layer == 6 and cfg.lr == 1e-3 and cfg.epochs == 2.0
     with pytest.raises(UserError, match="unknown config key 'lrr' .* known keys: .*lr"):
-        load_config(train.PretrainConfig, ["--lrr=1"])
+        load_config(PretrainConfig, ["--lrr=1"])
     with pytest.raises(UserError, match="config key 'batch_size' wants a int, got 'eight'"):
-        load_config(train.PretrainConfig, ["--batch_size=eight"])
+        load_config(PretrainConfig, ["--batch_size=eight"])
     with pytest.raises(UserError, match="config file 'nope.py' not found"):
-        load_config(train.PretrainConfig, ["nope.py"])
+        load_config(PretrainConfig, ["nope.py"])
     bad = tmp_path / "bad.py"
     bad.write_text("n_layer = 1 / 0\n")
     with pytest.raises(UserError, match="failed: ZeroDivisionError"):
-        load_config(train.PretrainConfig, [str(bad)])
+        load_config(PretrainConfig, [str(bad)])
 
 
 def test_cli_errors_are_one_line(tmp_path):
     assert_one_line_error(run_cli("train.py", "config/pretrain_small.py", "--dropuot=0.1"), "unknown config key")
-    assert_one_line_error(run_cli("train.py", "--data_dir", tmp_path), "needs a value")
+    assert_one_line_error(run_cli("train.py", "--data_dir"), "needs a value")
     assert_one_line_error(run_cli("train.py", "config/pretrain_small.py", f"--data_dir={tmp_path}",
                                   f"--out_dir={tmp_path / 'o'}"), "train.bin not found", "prepare")
 

@@ -6,9 +6,9 @@ import sys
 import pytest
 from conftest import REPO, assert_one_line_error, run_cli, tiny_train_args
 
-from data.e2e.prepare import tokenize_example
+from data.e2e.dataset import tokenize_example
 from finetune import E2EPairs
-from model import IGNORE_INDEX
+from loss import IGNORE_INDEX
 from tokenizer import EOT, encode
 
 PAIRS = [
@@ -63,7 +63,7 @@ def test_sample_prints_and_appends(base_run, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The history of\n\nOnce upon a time\n")
     for _ in range(2):
-        r = run_cli("sample.py", "--prompts", prompts, "--ckpt", base_run, "--max_new_tokens", 5, "--greedy")
+        r = run_cli("sample.py", "--prompts", prompts, "--model", base_run, "--max_new_tokens", 5, "--greedy")
         assert r.returncode == 0, r.stderr
     assert "The history of" in r.stdout and "Once upon a time" in r.stdout
     saved = (base_run / "samples.txt").read_text()
@@ -73,19 +73,19 @@ def test_sample_prints_and_appends(base_run, tmp_path):
 def test_sample_errors(base_run, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
-    assert_one_line_error(run_cli("sample.py", "--prompts", empty, "--ckpt", base_run), "is empty")
-    assert_one_line_error(run_cli("sample.py", "--prompts", tmp_path / "none.txt", "--ckpt", base_run), "not found")
+    assert_one_line_error(run_cli("sample.py", "--prompts", empty, "--model", base_run), "is empty")
+    assert_one_line_error(run_cli("sample.py", "--prompts", tmp_path / "none.txt", "--model", base_run), "not found")
     prompts = tmp_path / "p.txt"
     prompts.write_text("hello\n")
-    assert_one_line_error(run_cli("sample.py", "--prompts", prompts, "--ckpt", base_run, "--max_new_tokens", 64),
+    assert_one_line_error(run_cli("sample.py", "--prompts", prompts, "--model", base_run, "--max_new_tokens", 64),
                           "leaves no room")
-    assert_one_line_error(run_cli("sample.py", "--prompts", prompts, "--ckpt", tmp_path), "holds no model")
+    assert_one_line_error(run_cli("sample.py", "--prompts", prompts, "--model", tmp_path), "holds no model")
 
 
 def test_long_prompt_is_cut_from_the_left(base_run, tmp_path):
     prompts = tmp_path / "long.txt"
     prompts.write_text(" ".join(["word"] * 200) + " END\n")
-    r = run_cli("sample.py", "--prompts", prompts, "--ckpt", base_run, "--max_new_tokens", 4, "--greedy")
+    r = run_cli("sample.py", "--prompts", prompts, "--model", base_run, "--max_new_tokens", 4, "--greedy")
     assert r.returncode == 0, r.stderr
     assert "cut from the left" in r.stderr and "only its last 60" in r.stderr
 
@@ -157,19 +157,22 @@ def test_e2e_eval_table(base_run, e2e_data, tmp_path):
     missing.write_text(f'include("{REPO / "config/lora_e2e.py"}")\n'
                        f'init_from = "{base_run}"\nout_dir = "{tmp_path / "nothing"}"\n')
     out = tmp_path / "eval"
-    r = run_cli("e2e_eval.py", "--configs", config, missing, "--data_dir", e2e_data, "--out_dir", out,
+    r = run_cli("e2e_eval.py", f"--configs={config},{missing}", "--data_dir", e2e_data, "--out_dir", out,
                 "--beam_size", 2, "--max_new_tokens", 6, env={"E2E_METRICS_NO_JAVA": "1"})
     assert r.returncode == 0, r.stderr
-    scores = json.loads((out / "scores.json").read_text())
+    tag = "beam_size_2_max_new_tokens_6"  # not the study's decoding: its files are named for it
+    record = json.loads((out / f"scores.{tag}.json").read_text())
+    assert record["mrs"] == len(PAIRS) and record["decoding"]["beam_size"] == 2
+    scores = record["systems"]
     names = list(scores)
     # one base row for both configs, the LoRA run that exists, and the one that does not
     lora, nothing = (f"GPT-2 {base_run.name} + LoRA ({d})" for d in (adapter_run, tmp_path / "nothing"))
     assert names == [f"GPT-2 {base_run.name}", lora, nothing]
     assert all(0 <= scores[n]["BLEU"] <= 1 for n in names[:2])
     assert "python finetune.py" in scores[nothing]["missing"]
-    table = (out / "scores.md").read_text()
+    table = (out / f"scores.{tag}.md").read_text()
     assert "0." in table and "*" in table and "unofficial" in table  # no Java: marked
-    outputs = (out / f"gpt_2_{base_run.name}.txt").read_text().splitlines()
+    outputs = (out / f"gpt_2_{base_run.name}.{tag}.txt").read_text().splitlines()
     assert len(outputs) == len(PAIRS) and all(outputs)
     assert "python finetune.py" in r.stdout  # the missing adapter is listed with its command there too
 
