@@ -405,7 +405,7 @@ def load_peft_adapter(model, folder) -> "lora.LoRAConfig":
     default = alpha0 / math.sqrt(r0) if config.get("use_rslora") else alpha0 / r0
     # the adapter's own r and alpha when they say it all; else an alpha that gives the scale at this rank
     alpha = alpha0 if (rank, scale) == (r0, default) and not config.get("use_rslora") else scale * rank
-    cfg = lora.LoRAConfig(lora_r=rank, lora_alpha=alpha, lora_dropout=config.get("lora_dropout", 0.0),
+    cfg = lora.LoRAConfig(lora_r=rank, lora_alpha=float(alpha), lora_dropout=float(config.get("lora_dropout", 0.0)),
                           lora_targets=tuple({t for _, t in parts}))
     lora.inject_lora(model, cfg)
     with torch.no_grad():
