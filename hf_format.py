@@ -32,6 +32,7 @@ from torch import nn
 import lora
 import tokenizer
 from common import UserError
+from model import GPT, GPTConfig, load_weights
 
 PEFT_PREFIX = "base_model.model."  # what PEFT puts before a module's name in adapter_model.safetensors
 # the modules of a block our LoRA can adapt, by their name in a block, and the PEFT target that names each
@@ -71,6 +72,43 @@ def hf_config(cfg) -> dict:
         "bos_token_id": tokenizer.EOT if has_tokens else None,
         "eos_token_id": tokenizer.EOT if has_tokens else None,
     }
+
+
+def load_hf_model(folder, **options) -> GPT:
+    """A transformers GPT-2 folder (config.json plus model.safetensors or pytorch_model.bin) as our
+    GPT; `options` set ModelOptions' fields. Hub names become folders in hub.py."""
+    folder = Path(folder)
+    hf = json.loads((folder / "config.json").read_text())
+    act = hf.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        raise UserError(f"{folder}/config.json uses activation {act!r}; GPT-2 uses the tanh GELU (gelu_new)")
+    cfg = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                    n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True, **options)
+    model = GPT(cfg)
+    load_weights(model, _hf_to_ours(_read_hf_weights(folder)), f"{folder} (config.json: n_layer={cfg.n_layer}, "
+                 f"n_head={cfg.n_head}, n_embd={cfg.n_embd}, vocab_size={cfg.vocab_size})")
+    return model
+
+
+def _read_hf_weights(folder: Path) -> dict:
+    if (folder / "model.safetensors").exists():
+        from safetensors.torch import load_file
+
+        return load_file(str(folder / "model.safetensors"))
+    if (folder / "pytorch_model.bin").exists():
+        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise UserError(f"{folder} has no model.safetensors or pytorch_model.bin")
+
+
+def _hf_to_ours(hf: dict) -> dict:
+    """Rename transformers' GPT-2 tensors and transpose its Conv1D weights."""
+    out = {}
+    for k, v in hf.items():
+        k = k.removeprefix("transformer.")
+        if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight":
+            continue  # causal-mask buffers of old checkpoints; the head is tied to wte
+        out[f"transformer.{k}"] = (v.t() if k.endswith(CONV1D_WEIGHTS) else v).contiguous()
+    return out
 
 
 def _plain(model) -> None:

@@ -16,7 +16,7 @@ from common import UserError
 HF_GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 HUB_ORG = "openai-community"  # the Hub's home of OpenAI's GPT-2 since 2024; plain "gpt2" was its old id
 HUB_FILES = ("config.json", "model.safetensors")
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what GPT.from_pretrained reads from a folder
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what hf_format.load_hf_model reads from a folder
 
 
 def _checked_folder(path: Path) -> Path:

@@ -11,7 +11,6 @@ import json
 import math
 import warnings
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -353,22 +352,6 @@ class GPT(nn.Module):
         load_weights(model, state, str(path))
         return model
 
-    @classmethod
-    def from_pretrained(cls, folder, **overrides) -> "GPT":
-        """OpenAI's GPT-2 from a Hugging Face folder (config.json plus model.safetensors or
-        pytorch_model.bin); hub names are resolved to folders by hub.py."""
-        folder = Path(folder)
-        hf = json.loads((folder / "config.json").read_text())
-        act = hf.get("activation_function", "gelu_new")
-        if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-            raise UserError(f"{folder}/config.json uses activation {act!r}; GPT-2 uses the tanh GELU (gelu_new)")
-        cfg = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                        n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True, **overrides)
-        model = cls(cfg)
-        load_weights(model, hf_to_ours(_read_hf_weights(folder)), f"{folder} (config.json: n_layer={cfg.n_layer}, "
-                     f"n_head={cfg.n_head}, n_embd={cfg.n_embd}, vocab_size={cfg.vocab_size})")
-        return model
-
 
 def pick_next_tokens(logits, temperature=1.0, top_k=None, top_p=None, greedy=False, generator=None):
     """Pick one token per row of logits (B, vocab): argmax, or a sample after temperature,
@@ -389,10 +372,6 @@ def pick_next_tokens(logits, temperature=1.0, top_k=None, top_p=None, greedy=Fal
 
 # ----------------------------------------------------------------------------- loading
 
-# Hugging Face's GPT-2 stores these as Conv1D weights, (in, out): the transpose of nn.Linear's.
-HF_CONV1D = ("c_attn.weight", "c_proj.weight", "c_fc.weight")
-
-
 def load_weights(model: nn.Module, state: dict, source: str) -> None:
     """Load `state` into `model` (tied head excepted), or fail with one line saying what differs."""
     expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
@@ -408,26 +387,3 @@ def load_weights(model: nn.Module, state: dict, source: str) -> None:
         what += ("; " if missing and extra else "") + (f"{len(extra)} unexpected (e.g. {extra[0]})" if extra else "")
         raise UserError(f"checkpoint {source} does not fit the model: {what}")
     model.load_state_dict(state, strict=False)
-
-
-def _read_hf_weights(folder: Path) -> dict:
-    if (folder / "model.safetensors").exists():
-        from safetensors.torch import load_file
-
-        return load_file(str(folder / "model.safetensors"))
-    if (folder / "pytorch_model.bin").exists():
-        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise UserError(f"{folder} has no model.safetensors or pytorch_model.bin")
-
-
-def hf_to_ours(hf: dict) -> dict:
-    """Rename Hugging Face GPT-2 tensors and transpose its Conv1D weights."""
-    out = {}
-    for k, v in hf.items():
-        k = k.removeprefix("transformer.")
-        if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight":
-            continue  # causal-mask buffers of old checkpoints; the head is tied to wte
-        if k.endswith(HF_CONV1D):
-            v = v.t()
-        out[f"transformer.{k}"] = v.contiguous()
-    return out

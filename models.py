@@ -99,6 +99,7 @@ def load_base(spec: str, **options) -> GPT:
     if path.is_dir() and not (path / "config.json").exists():
         raise UserError(f"{spec} holds no model: expected a run folder with checkpoint/{MODEL_FILE}, a model file, "
                         f"or a Hugging Face folder with config.json")
+    from hf_format import load_hf_model
     from hub import gpt2_folder
 
-    return GPT.from_pretrained(gpt2_folder(spec), **options)
+    return load_hf_model(gpt2_folder(spec), **options)

@@ -92,7 +92,7 @@ def test_model_loads_in_transformers_with_our_logits(base):
     generation = transformers.GenerationConfig.from_pretrained(folder)
     assert generation.eos_token_id == generation.bos_token_id == tokenizer.EOT
     # and back: model.py's loader reads what we wrote into the same weights
-    back = GPT.from_pretrained(folder).state_dict()
+    back = hf_format.load_hf_model(folder).state_dict()
     assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import loss as loss_module
 import model as model_module
 from common import UserError, check_settings
+from hf_format import load_hf_model
 from model import GPT, GPTConfig
 
 transformers = pytest.importorskip("transformers", reason="transformers is the reference (test-only dependency)")
@@ -44,7 +45,7 @@ def save_hf(hf_model, folder, form: str):
 
 @pytest.mark.parametrize("form", ["safetensors", "bin"])
 def test_from_pretrained_matches_transformers(hf_model, tmp_path, form):
-    ours = GPT.from_pretrained(str(save_hf(hf_model, tmp_path, form))).eval()
+    ours = load_hf_model(str(save_hf(hf_model, tmp_path, form))).eval()
     idx = torch.randint(0, 101, (3, 40))
     with torch.no_grad():
         ref = hf_model(idx).logits
@@ -58,7 +59,7 @@ def test_from_pretrained_matches_transformers(hf_model, tmp_path, form):
 
 
 def test_greedy_generation_matches_transformers(hf_model, tmp_path):
-    ours = GPT.from_pretrained(str(save_hf(hf_model, tmp_path, "safetensors"))).eval()
+    ours = load_hf_model(str(save_hf(hf_model, tmp_path, "safetensors"))).eval()
     idx = torch.randint(1, 101, (2, 7))
     ref = hf_model.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=25, do_sample=False,
                             pad_token_id=0, eos_token_id=None)
@@ -71,11 +72,11 @@ def test_checkpoint_that_does_not_fit_its_config(hf_model, tmp_path):
     cfg = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**cfg, "n_embd": 64}))
     with pytest.raises(UserError, match=r"does not fit the model: .* is \(.*\) there") as e:
-        GPT.from_pretrained(str(folder))
+        load_hf_model(str(folder))
     assert "\n" not in str(e.value)
     (folder / "config.json").write_text(json.dumps({**cfg, "n_layer": 3}))
     with pytest.raises(UserError, match="tensors missing"):
-        GPT.from_pretrained(str(folder))
+        load_hf_model(str(folder))
 
 
 def test_model_paths_that_name_nothing_fail_with_one_line(tmp_path):
