@@ -16,28 +16,14 @@ DIR must not exist yet, or be empty.
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import hf_format
 import lora
 import models
-from common import UserError, load_config, run_main, setting
+from common import UserError, load_config, run_main
 from hub import HF_GPT2_NAMES, HUB_ORG
-
-
-@dataclass
-class ExportConfig:
-    run: str = setting("", "what to export (models.py): a run folder, a model file, a Hugging Face folder, a LoRA "
-                       "run or PEFT adapter folder", positional=True)
-    out: str = setting("", "the folder to write; it must not exist yet, or be empty")
-    merged: bool = setting(False, "a LoRA run: write its base with the adapter merged in, as one GPT-2 folder")
-
-    def check(self):
-        if not self.run:
-            raise UserError("name what to export: python export.py RUN --out DIR")
-        if not self.out:
-            raise UserError("name the folder to write: python export.py RUN --out DIR")
+from settings import ExportConfig
 
 
 def transformers_name(spec: str) -> str | None:

@@ -57,8 +57,8 @@ class DecodeConfig:
     length_penalty: float = setting(0.8, "a finished hypothesis scores sum_logprob / length ** length_penalty")
     no_repeat_ngram_size: int = setting(4, "no n-gram twice within an output; 0: off", at_least=0)
     max_new_tokens: int = setting(64, "longest output, in tokens", at_least=1)
-    beam_rule: str = setting("transformers", "'transformers' (generate()'s rule) or 'paper' (the LoRA paper's decoder); "
-                             "see decoding/beam.py", choices=BEAM_RULES)
+    beam_rule: str = setting("transformers", "'transformers' (generate()'s rule) or 'paper' (the LoRA paper's "
+                             "decoder); see decoding/beam.py", choices=BEAM_RULES)
     batch_size: int | None = setting(None, "MRs decoded side by side (None: by device)", at_least=1)
 
     def decoding(self) -> dict:
@@ -83,3 +83,17 @@ class EvalConfig(DecodeConfig):
     def check(self):
         if self.refs and not self.outputs:
             raise UserError("refs goes with outputs: --outputs FILE --refs testset_w_refs.csv")
+
+
+@dataclass
+class ExportConfig:
+    run: str = setting("", "what to export (models.py): a run folder, a model file, a Hugging Face folder, a LoRA "
+                       "run or PEFT adapter folder", positional=True)
+    out: str = setting("", "the folder to write; it must not exist yet, or be empty")
+    merged: bool = setting(False, "a LoRA run: write its base with the adapter merged in, as one GPT-2 folder")
+
+    def check(self):
+        if not self.run:
+            raise UserError("name what to export: python export.py RUN --out DIR")
+        if not self.out:
+            raise UserError("name the folder to write: python export.py RUN --out DIR")
