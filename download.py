@@ -93,3 +93,10 @@ def download(urls: str | Sequence[str], dest, *, sha256: str | None = None, size
         raise UserError(f"could not download {dest.name} from {', '.join(urls)}: {reasons.pop()}; {offline_hint}")
     tried = "; ".join(f"{url}: {why}" for url, why in failures)
     raise UserError(f"could not download {dest.name}: {tried}; {offline_hint}")
+
+
+def make_out_dir(out_dir: Path) -> None:
+    """Create an output folder, or fail in one line when the path is a file."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out_dir {out_dir} is a file, not a folder: name a folder for the prepared data")
+    out_dir.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from common import UserError
 from data.e2e.release import SPLIT_FILES, fetch_release, group_by_mr, parse_pairs_csv, read_source_file
+from download import make_out_dir
 from tokenizer import EOT, encode, encode_batch
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "prepared"
@@ -88,7 +89,7 @@ def prepare(src: Path, out_dir: Path) -> dict:
         meta["csv_sha256"][filename] = _sha256(data)
         splits[split] = parse_pairs_csv(data, name)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_out_dir(out_dir)
     for split in ("train", "dev"):
         pairs = splits[split]
         prompts = encode_batch([format_prompt(mr) for mr, _ in pairs])

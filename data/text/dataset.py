@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from common import UserError
-from download import download
+from download import download, make_out_dir
 from tokenizer import EOT, VOCAB_SIZE, encode_batch
 
 
@@ -84,7 +84,7 @@ def write_tokens(docs: list[str], path: Path) -> int:
 def write_dataset(splits: dict[str, list[str]], out_dir: Path, sources: list[str], sha256: str | None = None) -> dict:
     """Write <split>.bin for each split and meta.json describing them; returns the meta."""
     assert VOCAB_SIZE <= 2**16, "uint16 storage needs a vocabulary under 65,536"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_out_dir(out_dir)
     meta = {"tokenizer": "gpt2", "vocab_size": VOCAB_SIZE, "dtype": "uint16", "sources": sources}
     if sha256:
         meta["sha256"] = sha256
