@@ -8,7 +8,7 @@ length penalty 0.8, no repeated 4-gram, at most 64 new tokens, stop at EOT, on t
 weights, fp32, in one run, with at most --batch MRs side by side (padded on the left):
 transformers a batch at a time, ours taking the next MR as soon as one is done (continuous
 batching; --no_refill: a batch at a time as well). The weights: a random GPT-2 (GPTConfig's
-size by default) made by transformers and loaded into ours with GPT.from_pretrained, or with
+size by default) made by transformers and loaded into ours with hf_format.load_hf_model, or with
 --model a model of ours (a run folder or a file; with --adapter its LoRA adapter merged in)
 exported into transformers. With random weights the model almost never picks EOT, so every
 hypothesis runs to 64 tokens: the bench then measures the steady per-token cost, not early
@@ -31,6 +31,7 @@ may finish, the same early_stopping=False heuristic):
 """
 
 import csv
+import dataclasses
 import sys
 import tempfile
 import time
@@ -78,43 +79,33 @@ def read_prompts(path: Path, n: int) -> tuple[list[str], str]:
     return [format_prompt(mr) for mr, _ in groups[:n]], "data/e2e/prepare.py"
 
 
-def hf_config(cfg: GPTConfig):
-    from transformers import GPT2Config
-
-    return GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-                      n_head=cfg.n_head, activation_function="gelu_new", layer_norm_epsilon=1e-5,
-                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-
-
 def random_models(cfg: GPTConfig, seed: int):
-    """A random transformers GPT-2 of cfg's size, and the same weights loaded into ours."""
-    from transformers import GPT2LMHeadModel
+    """A random transformers GPT-2 of cfg's size (dropout off), and the same weights loaded into ours."""
+    from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging
+
+    from hf_format import hf_config, load_hf_model
 
     logging.disable_progress_bar()
     torch.manual_seed(seed)
-    hf = GPT2LMHeadModel(hf_config(cfg))
+    hf = GPT2LMHeadModel(GPT2Config.from_dict(hf_config(dataclasses.replace(cfg, dropout=0.0))))
     with tempfile.TemporaryDirectory() as folder:
         hf.save_pretrained(folder)
-        ours = GPT.from_pretrained(folder)
+        ours = load_hf_model(folder)
     return ours, hf
 
 
 def to_transformers(model: GPT):
-    """Our weights in a transformers GPT2LMHeadModel: Conv1D weights are stored (in, out) there; the head is tied."""
+    """Our weights in a transformers GPT2LMHeadModel (through hf_format's export)."""
     from transformers import GPT2LMHeadModel
+    from transformers.utils import logging
 
-    hf = GPT2LMHeadModel(hf_config(model.config))
-    state = {k: v.t() if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else v
-             for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    # without biases in ours, transformers' (always present) stay at their initial zeros
-    missing = [k for k in missing if k != "lm_head.weight" and not (k.endswith(".bias") and not model.config.bias)]
-    if missing or unexpected:
-        raise UserError(f"cannot export to transformers: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    if hf.lm_head.weight.data_ptr() != hf.transformer.wte.weight.data_ptr():
-        raise UserError("transformers' GPT-2 head is not tied to its embedding")
-    return hf
+    from hf_format import save_hf_model
+
+    logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory() as folder:
+        save_hf_model(model, folder)
+        return GPT2LMHeadModel.from_pretrained(folder)
 
 
 def hf_beam_search(hf, prompts: list[list[int]], max_new_tokens: int = SEARCH["max_new_tokens"]) -> list[list[int]]:

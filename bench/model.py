@@ -4,7 +4,7 @@
     python bench/model.py --device=cuda --dtype=bfloat16 --batch=16 --seq=1024
 
 Both models get the same config, the same weights (a random transformers model, loaded into
-ours through GPT.from_pretrained), the same batch and dtype, measured in the same run.
+ours through hf_format.load_hf_model), the same batch and dtype, measured in the same run.
 A training step is forward + backward + AdamW; generation is greedy decoding of
 --new_tokens tokens per row with a KV cache (`GPT.generate` against `generate(do_sample=False)`,
 both forced to the full length). Prints a Markdown table with tokens/s and the ratios.
@@ -23,7 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from common import load_config, run_main, setting
-from model import GPT
+from hf_format import hf_config, load_hf_model
+from model import GPTConfig
 
 
 @dataclass
@@ -70,12 +71,12 @@ def main():
 
     torch.manual_seed(0)
     dev = args.device
-    hf_cfg = GPT2Config(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, n_positions=1024,
-                        vocab_size=50257)
+    # the same architecture on both sides, dropout off (ours defaults to none)
+    hf_cfg = GPT2Config.from_dict(hf_config(GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)))
     hf = GPT2LMHeadModel(hf_cfg)
     with tempfile.TemporaryDirectory() as folder:
         hf.save_pretrained(folder)
-        ours = GPT.from_pretrained(folder)
+        ours = load_hf_model(folder)
     dtype = getattr(torch, args.dtype)
     hf, ours = hf.to(dev), ours.to(dev)
     autocast = torch.autocast(dev, dtype=dtype, enabled=dtype != torch.float32)

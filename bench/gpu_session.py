@@ -1,0 +1,792 @@
+"""One GPU session that measures everything issue #10 asks for, in at most 9 minutes of an H200.
+
+    python bench/gpu_session.py                       # all parts, results in $OUT (or out/gpu_session)
+    python bench/gpu_session.py --parts=train,beam    # some parts; --out=DIR elsewhere
+    python bench/gpu_session.py --dry_run             # on a CPU: tiny shapes, Triton's interpreter, ~2 minutes
+
+Each part runs in a process of its own, under its own time budget (and the session's, --budget_s): a part skips
+what its budget no longer covers, with a note; a part that fails or overruns is recorded, and the next one runs.
+  info      the device, versions, shared memory; a bf16 matmul and a copy (the two ceilings)
+  tests     tests/test_kernels.py (on CUDA: the GPU tests, each kernel with its first fitting config)
+  kernels   attention forward and forward+backward against SDPA flash (B 8 and 16, H 12, T 1024, D 64); LoRA linear
+            against unfused PyTorch and the base GEMM alone (16384 x 768 -> 2304 and x 1024 -> 3072, r 4, 8, 16);
+            the configs chosen; every compiled config's shared memory against the pruning estimate
+  train     training tokens/s and MFU of the 6-layer model (16 x 1024, bf16 autocast, fused AdamW): ours eager and
+            compiled, sdpa and triton, against transformers' GPT2LMHeadModel (sdpa, compiled); host syncs per step;
+            one step profiled (top 15 kernels by GPU time)
+  finetune  LoRA fine-tuning tokens/s on batches of 8 E2E-sized sequences (rank 4, alpha 32, dropout 0.1), ours
+            against PEFT on GPT2LMHeadModel, 6-layer and GPT-2 medium shapes, random weights; the 5-epoch E2E time
+  beam      beam search over 630 E2E-like MRs (beam 10, length penalty 0.8, no repeated 4-gram, <= 64 tokens), ours
+            against transformers' generate on the same random weights
+Writes (at most 8 files) into the output folder: session.md (every table, the summary last), session.json,
+log.txt (all the parts printed), tests.txt, kernels.md, profile.txt; prints the summary table last. Ratios are
+reference time / our time: above 1, ours is faster.
+"""
+
+import dataclasses
+import importlib.util
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo root
+
+from common import UserError, load_config, run_main, setting
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PARTS = ("info", "tests", "kernels", "train", "finetune", "beam")
+FILES = ("session.md", "session.json", "log.txt", "tests.txt", "kernels.md", "profile.txt")
+E2E_TRAIN_PAIRS = 42061  # the official training set
+SEARCH = dict(beam_size=10, length_penalty=0.8, no_repeat_ngram_size=4)
+
+
+@dataclass
+class SessionConfig:
+    out: str = setting("", "output folder (default: $OUT if set, else out/gpu_session, out/gpu_session_dry)")
+    dry_run: bool = setting(False, "tiny shapes on the CPU, Triton's interpreter: checks the script, measures nothing")
+    parts: tuple = setting(PARTS, "parts to run, in order", choices=PARTS)
+    budget_s: float = setting(510.0, "the whole session's time (seconds): 8.5 minutes, inside a 9-minute slot",
+                              above=0.0)
+    info_s: float = setting(15.0, "time budget of the info part (seconds)", above=0.0)
+    tests_s: float = setting(75.0, "time budget of the tests part (seconds)", above=0.0)
+    kernels_s: float = setting(120.0, "time budget of the kernels part (seconds)", above=0.0)
+    train_s: float = setting(150.0, "time budget of the train part (seconds)", above=0.0)
+    finetune_s: float = setting(90.0, "time budget of the finetune part (seconds)", above=0.0)
+    beam_s: float = setting(55.0, "time budget of the beam part (seconds)", above=0.0)
+    part: str = setting("", "run this one part in this process (what the session does for each)",
+                        choices=("", *PARTS))
+    result: str = setting("", "with --part: write its results (JSON) here")
+
+
+# ----------------------------------------------------------------------------- a part's record
+
+
+class Record:
+    """What a part measured: tables, summary rows (one per target of the issue), notes, files for the output folder.
+    Saved after every change, so that a part killed at its budget keeps what it had."""
+
+    def __init__(self, path: str, budget_s: float, dry_run: bool):
+        self.path, self.dry_run = Path(path) if path else None, dry_run
+        self.deadline = time.monotonic() + budget_s
+        self.data = _empty_record()
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def afford(self, seconds: float, what: str) -> bool:
+        """Whether `seconds` (an estimate) fit the budget left; if not, a note that `what` was skipped."""
+        if self.left() >= seconds:
+            return True
+        self.note(f"skipped {what}: {self.left():.0f} s of the part's budget left, it needs about {seconds:.0f} s")
+        return False
+
+    def note(self, text: str) -> None:
+        print(f"  note: {text}", file=sys.stderr, flush=True)
+        self.data["notes"].append(text)
+        self.save()
+
+    def table(self, title: str, rows: list) -> None:
+        self.data["tables"][title] = rows
+        self.save()
+
+    def add_row(self, title: str, row: dict) -> None:
+        self.data["tables"].setdefault(title, []).append(row)
+        self.save()
+
+    def check(self, item: str, what: str, value: str, target: str, met) -> None:
+        """A summary row: `met` True/False against the issue's target, None where it cannot be judged (a dry run)."""
+        self.data["summary"].append({"item": item, "measurement": what, "value": value, "target": target,
+                                     "met": None if self.dry_run else met})
+        self.save()
+
+    def fact(self, key: str, value) -> None:
+        self.data["facts"][key] = value
+        self.save()
+
+    def file(self, name: str, text: str) -> None:
+        assert name in FILES
+        self.data["files"][name] = self.data["files"].get(name, "") + text
+        self.save()
+
+    def save(self) -> None:
+        if self.path is not None:
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.data, default=str))
+            tmp.replace(self.path)
+
+
+def _bench_module():
+    """bench/kernels.py (its name clashes with the kernels package, so it is loaded from its file)."""
+    spec = importlib.util.spec_from_file_location("kernel_bench", ROOT / "bench" / "kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _x(v, digits=2):
+    return "n/a" if v is None else f"{v:.{digits}f}x"
+
+
+def _device():
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _sync(device):
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_flops(device):
+    """Dense bf16 peak of the GPU (FLOP/s), by name; None elsewhere."""
+    import torch
+
+    if device != "cuda":
+        return None
+    from trainer import PEAK_BF16_FLOPS
+
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+# ----------------------------------------------------------------------------- parts
+
+
+def part_info(rec: Record, cfg: SessionConfig) -> None:
+    import platform
+
+    import torch
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("triton", "transformers", "peft"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            versions[name] = "absent"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    row = {**versions, "commit": commit or "n/a", "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET")}
+    if torch.cuda.is_available():
+        import kernels
+
+        props = torch.cuda.get_device_properties(0)
+        row.update(device=torch.cuda.get_device_name(), capability=".".join(map(str, kernels._capability(
+            torch.device("cuda", 0)))), SMs=props.multi_processor_count, memory_GiB=round(props.total_memory / 2**30),
+            smem_per_block=kernels._smem_limit(torch.device("cuda", 0)))
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        row["nvidia-smi"] = smi.stdout.strip() or smi.stderr.strip()[:100]
+        rec.fact("capability", row["capability"])
+        rec.fact("device", row["device"])
+        # The two ceilings: a large bf16 matmul on random data, and a device-to-device copy (bytes read + written).
+        a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        for _ in range(3):
+            a @ b
+        _sync("cuda")
+        t0 = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        _sync("cuda")
+        row["bf16 matmul TFLOP/s"] = round(10 * 2 * 8192**3 / (time.perf_counter() - t0) / 1e12)
+        src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+        dst = torch.empty_like(src)
+        dst.copy_(src)
+        _sync("cuda")
+        t0 = time.perf_counter()
+        for _ in range(10):
+            dst.copy_(src)
+        _sync("cuda")
+        row["copy TB/s"] = round(10 * 2 * 2**30 / (time.perf_counter() - t0) / 1e12, 2)
+    else:
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+        row.update(device=f"CPU: {cpu}, {torch.get_num_threads()} threads")
+        rec.fact("device", row["device"])
+    rec.table("Device", [row])
+
+
+def part_tests(rec: Record, cfg: SessionConfig) -> None:
+    cmd = [sys.executable, "-m", "pytest", "tests/test_kernels.py", "-q", "-p", "no:cacheprovider", "--maxfail=5"]
+    if cfg.dry_run:  # the interpreter runs every kernel test in minutes: the quick ones only
+        cmd += ["-k", "prune or wins or interpreter_runs or unwritten"]
+    elif importlib.util.find_spec("xdist"):  # triton compiles on the CPU: 4 processes share the GPU
+        cmd += ["-n", "4"]
+    try:
+        run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(rec.left() - 5, 1))
+        output, last = run.stdout + run.stderr, (run.stdout.strip().splitlines() or [""])[-1]
+    except subprocess.TimeoutExpired as e:
+        output, last = (e.stdout or b"").decode(errors="replace"), "timed out"
+    rec.file("tests.txt", " ".join(cmd) + "\n\n" + output)
+    counts = pytest_counts(last)
+    rec.check("Done", "kernel tests" + (" (interpreter, quick subset)" if cfg.dry_run else " (CUDA)"),
+              last or "no output", "all pass", counts.get("passed", 0) > 0 and not counts.get("failed")
+              and not counts.get("error"))
+
+
+def pytest_counts(line: str) -> dict:
+    """{'passed': 3, 'failed': 1, ...} from pytest's last line ('3 passed, 1 failed, 2 skipped in 4.1s')."""
+    counts = {}
+    for words in (w.split() for w in line.strip("= ").split(" in ")[0].split(", ")):
+        if len(words) == 2 and words[0].isdigit():
+            counts[words[1].rstrip("s") if words[1] in ("errors", "warnings") else words[1]] = int(words[0])
+    return counts
+
+
+def part_kernels(rec: Record, cfg: SessionConfig) -> None:
+    import torch
+
+    kb = _bench_module()
+    device = _device()
+    if device == "cuda":
+        dtype, attn_shapes = torch.bfloat16, [(8, 12, 1024, 64), (16, 12, 1024, 64)]
+        lora_shapes = [(i, o, r, 16384, 0.0) for r in (8, 4, 16) for i, o in ((768, 2304), (1024, 3072))]
+        cost_attn, cost_lora = 25, 12  # seconds, the first of each including autotuning
+    else:
+        dtype, attn_shapes, lora_shapes = torch.float32, [(1, 2, 64, 32)], [(32, 48, 4, 64, 0.0)]
+        cost_attn, cost_lora = 5, 3
+    title_a = "Causal attention, ours (triton) against SDPA (flash on CUDA), ms"
+    title_l = "LoRA linear, ours (triton) against unfused PyTorch and the base GEMM alone, ms"
+    for shape in attn_shapes:
+        if rec.afford(cost_attn, f"attention {shape}"):
+            for row in kb.attention_rows([shape], device, dtype):
+                rec.add_row(title_a, row)
+            cost_attn = 8
+    for shape in lora_shapes:
+        if rec.afford(cost_lora, f"LoRA linear {shape}"):
+            for row in kb.lora_rows([shape], device, dtype):
+                rec.add_row(title_l, row)
+    rec.table("Configs the autotuner chose", kb.tuned_rows())
+    rec.table("Compiled configs: shared memory (bytes) against the pruning estimate", kb.compiled_rows())
+    tables = rec.data["tables"]
+    rec.file("kernels.md", "\n".join(kb.markdown(t, rows) for t, rows in tables.items() if rows))
+
+    wins = {}
+    for r in tables.get(title_a, []):
+        shape = f"B {r['B']}, H {r['H']}, T {r['T']}, D {r['D']}"
+        x, mode = r["flash/triton time"], r["pass"]
+        fwd = mode == "fwd"
+        rec.check("3", f"attention {mode}, {shape}: flash/ours time", _x(x), "≥ 1.2x" if fwd else "≥ 1.0x",
+                  x is not None and x >= (1.2 if fwd else 1.0))
+        kind = "attention_fwd" if fwd else "attention"
+        wins[kind] = wins.get(kind, True) and x is not None and x > 1.0
+    for r in tables.get(title_l, []):
+        shape, mode = f"{r['N']} x {r['in']} -> {r['out']}, r {r['r']}", r["pass"]
+        if mode == "fwd":
+            x = r["triton/base time"]
+            rec.check("4", f"LoRA fwd, {shape}: ours/base GEMM time", _x(x), "≤ 1.10x", x is not None and x <= 1.10)
+        x = r["unfused/triton time"]
+        rec.check("4", f"LoRA {mode}, {shape}: unfused/ours time", _x(x), "> 1.0x", x is not None and x > 1.0)
+        kind = "lora_linear_fwd" if mode == "fwd" else "lora_linear"
+        wins[kind] = wins.get(kind, True) and x is not None and x > 1.0
+    covered = [r["estimate covers it"] for r in tables.get("Compiled configs: shared memory (bytes) against the "
+                                                           "pruning estimate", []) if "estimate covers it" in r]
+    if covered:
+        rec.check("7", "compiled configs whose shared memory the estimate covers", f"{sum(covered)}/{len(covered)}",
+                  "all", all(covered))
+    rec.fact("kernel_wins", wins)
+
+
+def _train_models(dry_run):
+    """(our GPTConfig, transformers GPT2Config, batch, T) of the training part: one architecture, dropout off."""
+    from transformers import GPT2Config
+
+    from hf_format import hf_config
+    from model import GPTConfig
+
+    shape = dict(n_layer=2, n_head=2, n_embd=64) if dry_run else dict(n_layer=6, n_head=12, n_embd=768)
+    batch, T = (2, 32) if dry_run else (16, 1024)
+    ours = GPTConfig(**shape, block_size=max(T, 64), dropout=0.0)
+    hf = GPT2Config.from_dict(hf_config(ours))
+    return ours, hf, batch, T
+
+
+def _time_steps(step, device, warmup: int, steps: int):
+    """(seconds of the first call, which compiles; mean seconds per step after warm-up). One sync at each end."""
+    _sync(device)
+    t0 = time.perf_counter()
+    step()
+    _sync(device)
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return first, (time.perf_counter() - t0) / steps
+
+
+def _compile(model, dry_run: bool):
+    """torch.compile; a dry run traces the graphs (dynamo, AOT autograd) without inductor's CPU code generation,
+    which would take most of its time and says nothing about the GPU's."""
+    import torch
+
+    return torch.compile(model, backend="aot_eager" if dry_run else "inductor")
+
+
+def _count_syncs(step) -> int:
+    """Host-device synchronizations in one step (CUDA's sync debug mode warns at each)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def _profile(step, device, title: str) -> str:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step()
+        _sync(device)
+    averages = prof.key_averages()
+    for key in (("self_device_time_total", "self_cuda_time_total") if device == "cuda" else ("self_cpu_time_total",)):
+        try:
+            table = averages.table(sort_by=key, row_limit=15, max_name_column_width=70)
+            break
+        except (AttributeError, KeyError, ValueError):
+            table = f"(profiler cannot sort by {key} in torch {torch.__version__})"
+    return f"== {title}: one step, top 15 by {'GPU' if device == 'cuda' else 'CPU'} time\n{table}\n"
+
+
+def part_train(rec: Record, cfg: SessionConfig) -> None:
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from model import GPT
+
+    device = _device()
+    ours_cfg, hf_cfg, batch, T = _train_models(cfg.dry_run)
+    bf16 = device == "cuda"
+    peak = _peak_flops(device)
+    torch.manual_seed(0)
+    idx = torch.randint(0, ours_cfg.vocab_size, (batch, T + 1), device=device)
+    inputs, targets = idx[:, :-1], idx[:, 1:]
+    eager_s, compiled_s = (5, 45) if cfg.dry_run else (15, 75)
+    variants = [("ours", "sdpa", False), ("transformers", "sdpa", True), ("ours", "sdpa", True),
+                ("ours", "triton", False), ("ours", "triton", True)]
+    title = f"Training, {ours_cfg.n_layer} layers x {ours_cfg.n_embd}, batch {batch} x {T}, " + (
+        "bf16 autocast" if bf16 else "float32") + ", AdamW (fused on CUDA)"
+    results = {}
+    for who, impl, compiled in variants:
+        name = f"{who} {'compiled' if compiled else 'eager'} {impl}"
+        if not rec.afford(compiled_s if compiled else eager_s, name):
+            continue
+        try:
+            torch.manual_seed(0)
+            if who == "ours":
+                model = GPT(dataclasses.replace(ours_cfg, attn_impl=impl)).to(device)
+                n_params = model.num_params()
+
+                def loss_fn(m):
+                    return m(inputs, targets)[1]
+            else:
+                model = GPT2LMHeadModel(hf_cfg).to(device)
+                n_params = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
+
+                def loss_fn(m):
+                    return m(input_ids=idx[:, :-1], labels=idx[:, :-1]).loss
+            model.train()
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+            run = _compile(model, cfg.dry_run) if compiled else model
+
+            def step(run=run, opt=opt, loss_fn=loss_fn):
+                with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+                    loss = loss_fn(run)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            first, per_step = _time_steps(step, device, warmup=3, steps=2 if cfg.dry_run else 10)
+            tokens_s = batch * T / per_step
+            flops = 6 * n_params + 12 * ours_cfg.n_layer * T * ours_cfg.n_embd  # per token
+            row = {"model": name, "first step s": first, "ms/step": 1e3 * per_step, "tokens/s": tokens_s,
+                   "MFU %": None if peak is None else 100 * tokens_s * flops / peak}
+            if who == "transformers":
+                row["attention"] = getattr(model.config, "_attn_implementation", "n/a")
+            if device == "cuda" and who == "ours" and not compiled:
+                row["host syncs/step"] = _count_syncs(step)
+            results[name] = row
+            rec.add_row(title, row)
+            if who == "ours" and impl == "sdpa":  # the default path, eager and compiled
+                rec.file("profile.txt", _profile(step, device, f"{name}, {title}"))
+        except Exception as e:
+            rec.note(f"{name} failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        finally:
+            model = opt = run = None
+            if device == "cuda":
+                torch.cuda.empty_cache()
+
+    hf = results.get("transformers compiled sdpa")
+    ours = [r for n, r in results.items() if n.startswith("ours")]
+    best = max(ours, key=lambda r: r["tokens/s"], default=None)
+    if best is not None:
+        mfu = best["MFU %"]
+        rec.check("2", f"training MFU, best of ours ({best['model']})", "n/a" if mfu is None else f"{mfu:.1f} %",
+                  "≥ 40 %", mfu is not None and mfu >= 40)
+        x = None if hf is None else best["tokens/s"] / hf["tokens/s"]
+        rec.check("2", f"training tokens/s, {best['model']} / transformers compiled", _x(x), "≥ 1.3x",
+                  x is not None and x >= 1.3)
+    for mode in ("eager", "compiled"):
+        s, t = results.get(f"ours {mode} sdpa"), results.get(f"ours {mode} triton")
+        if s and t:
+            rec.fact(f"train_triton_over_sdpa_{mode}", t["tokens/s"] / s["tokens/s"])
+    syncs = [r["host syncs/step"] for r in ours if "host syncs/step" in r]
+    if syncs:
+        rec.check("2", "host-device syncs in one training step (ours, eager)", str(max(syncs)), "0", max(syncs) == 0)
+
+
+def _lora_setups(dry_run):
+    """(name, our GPTConfig fields) of the fine-tuning part's two bases."""
+    if dry_run:
+        return [("tiny 2-layer", dict(n_layer=2, n_head=2, n_embd=64)), ("tiny 4-layer", dict(n_layer=4, n_head=4,
+                                                                                              n_embd=128))]
+    return [("6-layer", dict(n_layer=6, n_head=12, n_embd=768)), ("GPT-2 medium", dict(n_layer=24, n_head=16,
+                                                                                      n_embd=1024))]
+
+
+def _e2e_train_pairs() -> int:
+    meta = ROOT / "data" / "e2e" / "prepared" / "meta.json"
+    try:
+        return int(json.loads(meta.read_text())["counts"]["train"]["pairs"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return E2E_TRAIN_PAIRS
+
+
+def part_finetune(rec: Record, cfg: SessionConfig) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import lora
+    from hf_format import hf_config
+    from lora import LoRAConfig, inject_lora
+    from model import GPT, GPTConfig
+
+    device = _device()
+    bf16 = device == "cuda"
+    batch, T = 8, (16 if cfg.dry_run else 64)
+    steps_5_epochs = 5 * math.ceil(_e2e_train_pairs() / batch)
+    r, alpha, dropout = 4, 32.0, 0.1
+    title = (f"LoRA fine-tuning, batch {batch} x {T} tokens, rank {r}, alpha {alpha:g}, dropout {dropout}, "
+             + ("bf16 autocast" if bf16 else "float32") + f"; 5 E2E epochs = {steps_5_epochs:,} steps")
+    eager_s, compiled_s = (5, 40) if cfg.dry_run else (8, 60)
+    # ours: the default (PyTorch LoRA), with the LoRA kernel (CUDA only), compiled; PEFT: as users run it, eager
+    variants = {"ours (q, v)": ("ours", False, False), "PEFT (c_attn)": ("peft", False, False),
+                "ours (q, v) + LoRA kernel": ("ours", False, True), "ours (q, v) compiled": ("ours", True, False)}
+    results = {}
+    for (base, shape), (variant, (who, compiled, kernel)) in itertools.product(_lora_setups(cfg.dry_run),
+                                                                                variants.items()):
+        name = f"{base}: {variant}"
+        if kernel and device != "cuda":
+            rec.note(f"skipped {name}: the LoRA kernel runs on CUDA only")
+            continue
+        if not rec.afford(compiled_s if compiled else eager_s, name):
+            continue
+        lora.USE_KERNEL = kernel or None  # None: the default, the kernel only where kernels.wins says so
+        try:
+            torch.manual_seed(0)
+            if who == "ours":
+                model = GPT(GPTConfig(**shape, dropout=0.0)).to(device)
+                inject_lora(model, LoRAConfig(lora_r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                              lora_targets=("q", "v")))
+                vocab = model.config.vocab_size
+
+                def loss_fn(m, idx):
+                    return m(idx[:, :-1], idx[:, 1:])[1]
+            else:
+                hf = GPT2LMHeadModel(GPT2Config.from_dict(hf_config(GPTConfig(**shape, dropout=0.0))))
+                # GPT-2's q, k, v are one Conv1D: PEFT can only adapt it whole (stored (in, out): fan_in_fan_out).
+                model = get_peft_model(hf, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                                      target_modules=["c_attn"], fan_in_fan_out=True)).to(device)
+                vocab = hf.config.vocab_size
+
+                def loss_fn(m, idx):
+                    return m(input_ids=idx[:, :-1], labels=idx[:, :-1]).loss
+            model.train()
+            params = [p for p in model.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.01, fused=device == "cuda")
+            run = _compile(model, cfg.dry_run) if compiled else model
+            idx = torch.randint(0, vocab, (batch, T + 1), device=device)
+
+            def step(run=run, opt=opt, loss_fn=loss_fn, idx=idx):
+                with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+                    loss = loss_fn(run, idx)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            first, per_step = _time_steps(step, device, warmup=3, steps=3 if cfg.dry_run else 20)
+            row = {"model": name, "trainable": sum(p.numel() for p in params), "first step s": first,
+                   "ms/step": 1e3 * per_step, "tokens/s": batch * T / per_step,
+                   "5 epochs, min": steps_5_epochs * per_step / 60}
+            results[name] = row
+            rec.add_row(title, row)
+        except Exception as e:
+            rec.note(f"{name} failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        finally:
+            lora.USE_KERNEL = None
+            model = opt = run = None
+            if device == "cuda":
+                torch.cuda.empty_cache()
+
+    for i, (base, _) in enumerate(_lora_setups(cfg.dry_run)):
+        ours = [row for n, row in results.items() if n.startswith(f"{base}: ours")]
+        peft = results.get(f"{base}: PEFT (c_attn)")
+        plain, fused = results.get(f"{base}: ours (q, v)"), results.get(f"{base}: ours (q, v) + LoRA kernel")
+        if plain and fused:
+            rec.fact(f"finetune_kernel_over_pytorch_{i}", fused["tokens/s"] / plain["tokens/s"])
+        best = max(ours, key=lambda row: row["tokens/s"], default=None)
+        if best is None:
+            continue
+        limit = (3, 10)[i]
+        rec.check("5", f"5 E2E epochs, {best['model']}", f"{best['5 epochs, min']:.1f} min", f"≤ {limit} min",
+                  best["5 epochs, min"] <= limit)
+        x = None if peft is None else best["tokens/s"] / peft["tokens/s"]
+        rec.check("5", f"fine-tuning tokens/s, {best['model']} / PEFT", _x(x), "≥ 1.5x", x is not None and x >= 1.5)
+
+
+def e2e_like_prompts(n: int, test: Path = ROOT / "data" / "e2e" / "prepared" / "test.jsonl",
+                     seed: int = 0) -> tuple[list[list[int]], str]:
+    """The first n E2E test prompts of `test` (data/e2e/prepare.py's test.jsonl) if it has them, else n synthetic
+    MRs of the same form ('name : X | eatType : Y | ... ||', 3 to 8 attributes), tokenized; and which of the two."""
+    import random
+
+    from tokenizer import encode_batch
+
+    if test.is_file():
+        prompts = [json.loads(line)["prompt"] for line in test.read_text().splitlines() if line.strip()]
+        if len(prompts) >= n:
+            return prompts[:n], f"the first {n} MRs of {test.name}"
+    values = {"eatType": ["coffee shop", "pub", "restaurant"], "food": ["French", "Italian", "Chinese", "English",
+              "Japanese", "Indian", "Fast food"], "priceRange": ["cheap", "moderate", "high", "less than £20",
+              "£20-25", "more than £30"], "customer rating": ["low", "average", "high", "1 out of 5", "3 out of 5",
+              "5 out of 5"], "area": ["city centre", "riverside"], "familyFriendly": ["yes", "no"],
+              "near": ["The Bakers", "Raja Indian Cuisine", "Café Sicilia", "Crowne Plaza Hotel", "The Portland Arms"]}
+    names = ["The Eagle", "The Mill", "Loch Fyne", "Alimentum", "Aromi", "Blue Spice", "Cotto", "Fitzbillies",
+             "Green Man", "Strada", "The Vaults", "Wildwood", "Zizzi", "Browns Cambridge", "The Cricketers"]
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(n):
+        keys = rng.sample(list(values), rng.randint(2, 7))
+        pairs = [("name", rng.choice(names))] + [(k, rng.choice(values[k])) for k in values if k in keys]
+        texts.append(" | ".join(f"{k} : {v}" for k, v in pairs) + " ||")
+    return encode_batch(texts), f"{n} synthetic E2E-like MRs"
+
+
+def part_beam(rec: Record, cfg: SessionConfig) -> None:
+    import torch
+
+    beam_bench = _load_beam_bench()
+    from decoding import beam_search
+    from model import GPTConfig
+    from tokenizer import EOT
+
+    device = _device()
+    n, max_live, new_tokens = (6, 3, 8) if cfg.dry_run else (630, 51, 64)
+    shape = dict(n_layer=2, n_head=2, n_embd=64) if cfg.dry_run else {}
+    ours, hf = beam_bench.random_models(GPTConfig(**shape), seed=0)
+    ours, hf = ours.to(device).eval(), hf.to(device).eval()
+    prompts, source = e2e_like_prompts(n)
+    bf16 = device == "cuda"
+    search = dict(**SEARCH, max_new_tokens=new_tokens)
+    title = (f"Beam search, {source}, beam 10, length penalty 0.8, no repeated 4-gram, <= {new_tokens} new tokens, "
+             f"{max_live} MRs side by side, {'bf16 autocast' if bf16 else 'float32'}, same random weights")
+
+    def ours_run(mrs):
+        return beam_search(ours, mrs, **search, eos=EOT, max_live=max_live)
+
+    def hf_run(mrs):
+        return beam_bench.hf_beam_search(hf, mrs, max_new_tokens=new_tokens)
+
+    with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+        for run in (ours_run, hf_run):  # one-time setup outside the timing
+            run(prompts[:2])
+        _sync(device)
+        t0 = time.perf_counter()
+        ours_out = ours_run(prompts)
+        _sync(device)
+        ours_s = time.perf_counter() - t0
+        rec.add_row(title, {"decoder": "ours (decoding.beam_search, continuous batching)", "MRs": n, "s": ours_s,
+                            "new tokens": sum(map(len, ours_out)), "MRs/s": n / ours_s})
+        hf_out, hf_s = [], 0.0
+        for start in range(0, n, max_live):  # a batch at a time, while the budget lasts
+            if hf_out and not rec.afford(hf_s / len(hf_out) * max_live + 2, "the rest of transformers' batches"):
+                break
+            t0 = time.perf_counter()
+            hf_out += hf_run(prompts[start:start + max_live])
+            _sync(device)
+            hf_s += time.perf_counter() - t0
+    done = len(hf_out)
+    rec.add_row(title, {"decoder": "transformers generate (num_beams=10, a batch at a time)", "MRs": done, "s": hf_s,
+                        "new tokens": sum(map(len, hf_out)), "MRs/s": done / hf_s if hf_s else None})
+    same = sum(a == b for a, b in zip(ours_out, hf_out))
+    rec.note(f"identical outputs on the {done} MRs both decoded: {same} (random weights make near-ties common)")
+    x = (hf_s / done) / (ours_s / n) if done else None  # seconds per MR, theirs over ours
+    rec.check("6", f"beam search of {n} MRs, ours", f"{ours_s:.1f} s", "seconds", ours_s < 60)
+    rec.check("6", "beam search MRs/s, ours / transformers generate", _x(x), "≥ 2x", x is not None and x >= 2)
+
+
+def _load_beam_bench():
+    spec = importlib.util.spec_from_file_location("beam_bench", ROOT / "bench" / "beam.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ----------------------------------------------------------------------------- the session
+
+
+def _proposed_wins(parts: dict) -> tuple[str, str]:
+    """The kernels.MEASURED_WINS entry this session's numbers support, and its line for the summary."""
+    facts = {k: v for p in parts.values() for k, v in p.get("facts", {}).items()}
+    wins = dict(facts.get("kernel_wins", {}))
+    # A kernel that wins alone must also not slow the whole training or fine-tuning step, where that was measured.
+    for kind, prefix in (("attention", "train_triton_over_sdpa"), ("lora_linear", "finetune_kernel_over_pytorch")):
+        if kind in wins:
+            wins[kind] = wins[kind] and all(x >= 1.0 for k, x in facts.items() if k.startswith(prefix))
+    kinds = sorted(k for k, won in wins.items() if won)
+    cap = facts.get("capability")
+    if not wins or cap is None:
+        return "", "nothing measured on a GPU: every CUDA default stays PyTorch"
+    key = tuple(int(c) for c in cap.split("."))
+    entry = "{" + ", ".join(f'"{k}": "bench/results/<this session>.md"' for k in kinds) + "}"
+    return f"{key}: {entry}", f"{key}: {entry}" if kinds else f"{key}: none won, every default stays PyTorch"
+
+
+def _part_command(name: str, cfg: SessionConfig, budget: float, result: Path) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), f"--part={name}", f"--result={result}",
+            f"--{name}_s={budget}"] + (["--dry_run"] if cfg.dry_run else [])
+
+
+def run_part(name: str, cfg: SessionConfig, budget: float, workdir: Path, log, grace: float = 20.0) -> dict:
+    """Run one part in a child process, killed at its budget plus `grace`; its record, with how it ended (whatever
+    it saved before a failure or the kill is kept)."""
+    result = workdir / f"{name}.json"
+    cmd = _part_command(name, cfg, budget, result)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if cfg.dry_run:  # the CPU and Triton's interpreter, even on a machine with a GPU
+        env.update(TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    log.write(f"\n===== part {name} (budget {budget:.0f} s)\n")
+    log.flush()
+    t0 = time.monotonic()
+    child = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        status = child.wait(timeout=budget + grace)
+        ended = "done" if status == 0 else f"failed (exit status {status})"
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, 9)
+        child.wait()
+        ended = "killed at its budget"
+    try:
+        saved = json.loads(result.read_text())
+    except (OSError, ValueError):
+        saved = {}
+    return {**_empty_record(), **saved, "ended": ended, "seconds": time.monotonic() - t0}
+
+
+def _empty_record() -> dict:
+    return {"tables": {}, "summary": [], "notes": [], "files": {}, "facts": {}}
+
+
+def _markdown_summary(rows: list) -> str:
+    lines = ["| item | measurement | value | target | met |", "|---|---|---|---|---|"]
+    for r in rows:
+        met = {True: "yes", False: "**no**", None: "—"}[r["met"]]
+        lines.append(f"| {r['item']} | {r['measurement']} | {r['value']} | {r['target']} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def session(cfg: SessionConfig) -> None:
+    import tempfile
+
+    kb = _bench_module()
+    out = Path(cfg.out or os.environ.get("OUT") or ROOT / "out" / ("gpu_session_dry" if cfg.dry_run else "gpu_session"))
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    parts: dict = {}
+    with tempfile.TemporaryDirectory() as tmp, open(out / "log.txt", "w") as log:
+        for name in cfg.parts:
+            left = cfg.budget_s - (time.monotonic() - start)
+            budget = min(getattr(cfg, f"{name}_s"), left - 5)
+            if budget < 5:
+                parts[name] = {**_empty_record(), "ended": "skipped: the session's budget is spent", "seconds": 0.0}
+            else:
+                print(f"part {name}: budget {budget:.0f} s ...", flush=True)
+                parts[name] = run_part(name, cfg, budget, Path(tmp), log)
+            print(f"part {name}: {parts[name]['ended']} ({parts[name]['seconds']:.0f} s)", flush=True)
+    total = time.monotonic() - start
+
+    summary = [{"item": "8", "measurement": f"part {n}", "value": f"{p['ended']}, {p['seconds']:.0f} s",
+                "target": "done", "met": None if cfg.dry_run else p["ended"] == "done"} for n, p in parts.items()]
+    summary += [row for p in parts.values() for row in p["summary"]]
+    entry, line = _proposed_wins(parts)
+    summary.append({"item": "1", "measurement": "kernels.MEASURED_WINS entry these numbers support", "value": line,
+                    "target": "defaults follow measurements", "met": None})
+    summary.append({"item": "8", "measurement": "the whole session", "value": f"{total:.0f} s",
+                    "target": "≤ 540 s", "met": None if cfg.dry_run else total <= 540})
+    device = next((p["facts"]["device"] for p in parts.values() if "device" in p.get("facts", {})), "n/a")
+    head = (f"# GPU session{' (DRY RUN: tiny shapes on the CPU, nothing here is a measurement)' if cfg.dry_run else ''}"
+            f"\n\n{device}; {time.strftime('%Y-%m-%d %H:%M')}; parts: {', '.join(cfg.parts)}\n")
+    body = []
+    for name, p in parts.items():
+        body.append(f"## {name}: {p['ended']} ({p['seconds']:.0f} s)\n")
+        body += [kb.markdown(title, rows) for title, rows in p["tables"].items() if rows]
+        body += [f"- {n}" for n in p["notes"]]
+        body.append("")
+    table = _markdown_summary(summary)
+    (out / "session.md").write_text(head + "\n" + "\n".join(body) + "\n## Summary\n\n" + table)
+    (out / "session.json").write_text(json.dumps({"dry_run": cfg.dry_run, "device": device, "seconds": total,
+                                                  "proposed_wins": entry, "parts": parts}, indent=1, default=str))
+    files = {}
+    for p in parts.values():
+        for fname, text in p["files"].items():
+            files[fname] = files.get(fname, "") + text
+    for fname, text in files.items():
+        (out / fname).write_text(text)
+    print(f"\nwrote {', '.join(f for f in FILES if (out / f).exists())} in {out}\n")
+    print(table)
+
+
+def main() -> None:
+    cfg = load_config(SessionConfig, sys.argv[1:], doc=__doc__)
+    if cfg.dry_run:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+        if "triton" in sys.modules and os.environ["TRITON_INTERPRET"] != "1":
+            raise UserError("TRITON_INTERPRET must be 1 for a dry run")
+    if not cfg.part:
+        return session(cfg)
+    rec = Record(cfg.result, getattr(cfg, f"{cfg.part}_s"), cfg.dry_run)
+    rec.save()
+    import torch
+
+    if not cfg.dry_run and not torch.cuda.is_available():
+        raise UserError("no CUDA device: this session measures a GPU; --dry_run checks the script on a CPU")
+    globals()[f"part_{cfg.part}"](rec, cfg)
+
+
+if __name__ == "__main__":
+    run_main(main)
