@@ -148,15 +148,17 @@ def _sync(device):
 
 
 def _peak_flops(device):
-    """Dense bf16 peak of the GPU (FLOP/s), by name; None elsewhere."""
+    """Dense bf16 peak of the GPU (FLOP/s), by name (bench/kernels.py's table); None elsewhere."""
     import torch
 
     if device != "cuda":
         return None
-    from trainer import PEAK_BF16_FLOPS
-
     name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return next((1e12 * v for k, v in _bench_module().PEAK_TFLOPS.items() if k in name), None)
+
+
+def _error(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
 # ----------------------------------------------------------------------------- parts
@@ -253,21 +255,22 @@ def part_kernels(rec: Record, cfg: SessionConfig) -> None:
     if device == "cuda":
         dtype, attn_shapes = torch.bfloat16, [(8, 12, 1024, 64), (16, 12, 1024, 64)]
         lora_shapes = [(i, o, r, 16384, 0.0) for r in (8, 4, 16) for i, o in ((768, 2304), (1024, 3072))]
-        cost_attn, cost_lora = 25, 12  # seconds, the first of each including autotuning
+        cost_attn, cost_lora = 25, 12  # seconds: the first attention shape autotunes, a LoRA shape about this
     else:
         dtype, attn_shapes, lora_shapes = torch.float32, [(1, 2, 64, 32)], [(32, 48, 4, 64, 0.0)]
         cost_attn, cost_lora = 5, 3
     title_a = "Causal attention, ours (triton) against SDPA (flash on CUDA), ms"
     title_l = "LoRA linear, ours (triton) against unfused PyTorch and the base GEMM alone, ms"
-    for shape in attn_shapes:
-        if rec.afford(cost_attn, f"attention {shape}"):
-            for row in kb.attention_rows([shape], device, dtype):
-                rec.add_row(title_a, row)
-            cost_attn = 8
-    for shape in lora_shapes:
-        if rec.afford(cost_lora, f"LoRA linear {shape}"):
-            for row in kb.lora_rows([shape], device, dtype):
-                rec.add_row(title_l, row)
+    for rows, title, shapes, cost in ((kb.attention_rows, title_a, attn_shapes, cost_attn),
+                                      (kb.lora_rows, title_l, lora_shapes, cost_lora)):
+        for shape in shapes:
+            if rec.afford(cost, f"{title.split(',')[0]} {shape}"):
+                try:
+                    for row in rows([shape], device, dtype):
+                        rec.add_row(title, row)
+                except Exception as e:  # a kernel that fails to compile or run: the next shape may still work
+                    rec.note(f"{title.split(',')[0]} {shape} failed: {_error(e)}")
+                cost = cost_lora  # autotuned once: the next shapes cost less
     rec.table("Configs the autotuner chose", kb.tuned_rows())
     rec.table("Compiled configs: shared memory (bytes) against the pruning estimate", kb.compiled_rows())
     tables = rec.data["tables"]
@@ -386,20 +389,22 @@ def part_train(rec: Record, cfg: SessionConfig) -> None:
     idx = torch.randint(0, ours_cfg.vocab_size, (batch, T + 1), device=device)
     inputs, targets = idx[:, :-1], idx[:, 1:]
     eager_s, compiled_s = (5, 45) if cfg.dry_run else (15, 75)
-    variants = [("ours", "sdpa", False), ("transformers", "sdpa", True), ("ours", "sdpa", True),
-                ("ours", "triton", False), ("ours", "triton", True)]
+    # (who, attention, compiled, vocabulary), most wanted first; 50304 = 50257 padded to a multiple of 128
+    variants = [("ours", "sdpa", False, 0), ("transformers", "sdpa", True, 0), ("ours", "sdpa", True, 0),
+                ("ours", "triton", False, 0), ("ours", "sdpa", False, 50304), ("ours", "triton", True, 0)]
     title = f"Training, {ours_cfg.n_layer} layers x {ours_cfg.n_embd}, batch {batch} x {T}, " + (
         "bf16 autocast" if bf16 else "float32") + ", AdamW (fused on CUDA)"
     results = {}
-    for who, impl, compiled in variants:
-        name = f"{who} {'compiled' if compiled else 'eager'} {impl}"
+    for who, impl, compiled, vocab in variants:
+        name = f"{who} {'compiled' if compiled else 'eager'} {impl}" + (f", vocabulary {vocab}" if vocab else "")
         if not rec.afford(compiled_s if compiled else eager_s, name):
             continue
         try:
             torch.manual_seed(0)
             if who == "ours":
-                model = GPT(dataclasses.replace(ours_cfg, attn_impl=impl)).to(device)
-                n_params = model.num_params()
+                model = GPT(dataclasses.replace(ours_cfg, attn_impl=impl, vocab_size=vocab or ours_cfg.vocab_size))
+                model = model.to(device)
+                n_params = model.num_params() - (model.config.vocab_size - ours_cfg.vocab_size) * ours_cfg.n_embd
 
                 def loss_fn(m):
                     return m(inputs, targets)[1]
@@ -431,10 +436,10 @@ def part_train(rec: Record, cfg: SessionConfig) -> None:
                 row["host syncs/step"] = _count_syncs(step)
             results[name] = row
             rec.add_row(title, row)
-            if who == "ours" and impl == "sdpa":  # the default path, eager and compiled
+            if who == "ours" and impl == "sdpa" and not vocab:  # the default path, eager and compiled
                 rec.file("profile.txt", _profile(step, device, f"{name}, {title}"))
         except Exception as e:
-            rec.note(f"{name} failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            rec.note(f"{name} failed: {_error(e)}")
         finally:
             model = opt = run = None
             if device == "cuda":
@@ -546,7 +551,7 @@ def part_finetune(rec: Record, cfg: SessionConfig) -> None:
             results[name] = row
             rec.add_row(title, row)
         except Exception as e:
-            rec.note(f"{name} failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            rec.note(f"{name} failed: {_error(e)}")
         finally:
             lora.USE_KERNEL = None
             model = opt = run = None
