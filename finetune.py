@@ -25,7 +25,7 @@ from model import ModelOptions
 from models import load_base, resolve
 from settings import FinetuneConfig
 from tokenizer import EOT
-from trainer import fit, setup_runtime, teardown
+from trainer import check_resume, fit, setup_runtime, teardown, world_size
 
 
 class E2EPairs:
@@ -78,13 +78,13 @@ def resumed_lora(cfg: FinetuneConfig, recorded: dict) -> LoRAConfig:
 def main():
     cfg = load_config(FinetuneConfig, sys.argv[1:], doc=__doc__)
     resume_from = check_out_dir(cfg.out_dir, cfg.init_from)
-    if resume_from is not None:
-        cfg = resumed_settings(cfg, resume_from)
     if resume_from is not None:  # the base and the LoRA are the run's own, recorded in its checkpoint
         info = run_info(resume_from)
         if "lora" not in info:
             raise UserError(f"{cfg.out_dir} holds a pretraining run, not a LoRA run: resume it with python train.py "
                             f"--out_dir={cfg.out_dir} --init_from=resume")
+        cfg = resumed_settings(cfg, resume_from)
+        check_resume(cfg, resume_from, world_size())
         base, lora = info["base"], resumed_lora(cfg, info["lora"])
         cfg = dataclasses.replace(cfg, **asdict(lora))
     else:

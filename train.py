@@ -20,7 +20,7 @@ from common import UserError, load_config, pick, run_main
 from model import GPT, GPTConfig, ModelOptions
 from models import load_base
 from settings import PretrainConfig
-from trainer import fit, setup_runtime, teardown
+from trainer import check_resume, fit, setup_runtime, teardown, world_size
 
 
 class TokenBlocks:
@@ -87,10 +87,11 @@ def main():
     cfg = load_config(PretrainConfig, sys.argv[1:], doc=__doc__)
     resume_from = check_out_dir(cfg.out_dir, cfg.init_from)
     if resume_from is not None:
+        if "lora" in run_info(resume_from):
+            raise UserError(f"{cfg.out_dir} holds a LoRA fine-tuning run: resume it with python finetune.py "
+                            f"--out_dir={cfg.out_dir} --init_from=resume")
         cfg = resumed_settings(cfg, resume_from)
-    if resume_from is not None and "lora" in run_info(resume_from):
-        raise UserError(f"{cfg.out_dir} holds a LoRA fine-tuning run: resume it with python finetune.py "
-                        f"--out_dir={cfg.out_dir} --init_from=resume")
+        check_resume(cfg, resume_from, world_size())
     rt = setup_runtime(cfg)
     try:
         model = build_model(cfg, resume_from).to(rt.device)

@@ -15,6 +15,8 @@ import math
 import os
 import re
 import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -23,7 +25,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from checkpoints import load_train_state, save_checkpoint
+from checkpoints import STATE_FILE, load_train_state, save_checkpoint
+from checkpoints import run_info as checkpoint_info
 from common import DEVICE_HELP, UserError, resolve_device, setting
 
 
@@ -50,7 +53,9 @@ class TrainConfig:
     eval_interval: int = setting(500, "steps between evaluations; 0 evaluates once per epoch", at_least=0)
     eval_iters: int = setting(100, "validation batches per evaluation; 0 uses the whole validation set", at_least=0)
     ckpt_interval: int = setting(0, "steps between checkpoints; 0 saves at every evaluation", at_least=0)
-    log_interval: int = setting(10, "steps between training records (and the only host syncs)", at_least=1)
+    log_interval: int = setting(10, "steps between training records (means over the steps since the last), the "
+                                "only host syncs besides evaluations and checkpoints; under DDP also where the "
+                                "processes agree to stop on a signal", at_least=1)
     progress: bool = setting(True, "show a progress bar")
     # system
     device: str = setting("auto", DEVICE_HELP)
@@ -88,10 +93,15 @@ class Runtime:
         return self.world > 1
 
 
+def world_size() -> int:
+    """How many processes train together (torchrun sets WORLD_SIZE); known before any is set up."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
 def setup_runtime(cfg: TrainConfig) -> Runtime:
     """Devices, DDP (when started by torchrun), seeds and mixed precision for this process."""
-    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in
-                               (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    rank, local_rank = (int(os.environ.get(k, 0)) for k in ("RANK", "LOCAL_RANK"))
+    world = world_size()
     want = resolve_device(cfg.device)
     if world > 1:
         if want.startswith("cuda"):
@@ -119,6 +129,33 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
 def teardown(rt: Runtime) -> None:
     if rt.ddp and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The RNG seed of one process for one optimizer step (dropout). Derived, never stored: a run
+    resumed at any step, with any number of processes, draws what an uninterrupted run draws."""
+    return (seed * 1_000_003 + step) * 65_537 + rank
+
+
+def check_resume(cfg: TrainConfig, ckpt: Path, world: int) -> None:
+    """A run continues exactly only with its global batch: the data position and the schedule
+    are counted in it. Refuse, in one line saying what must match, any other."""
+    info = checkpoint_info(ckpt)
+    train = info.get("train", {})
+    recorded = info.get("global_batch", train.get("batch_size", 0) * train.get("grad_accum", 0))
+    processes = info.get("processes", 1)
+    have = cfg.batch_size * cfg.grad_accum * world
+    if recorded and have != recorded:
+        was = f"{recorded} sequences (batch_size {train.get('batch_size')} x grad_accum {train.get('grad_accum')} x " \
+              f"{processes} process(es))"
+        if recorded % world:
+            hint = f"run it on a number of processes that divides {recorded}"
+        else:
+            per = recorded // world
+            hint = f"with {world} process(es) batch_size x grad_accum must be {per}, e.g. --batch_size=" \
+                   f"{math.gcd(per, cfg.batch_size)} --grad_accum={per // math.gcd(per, cfg.batch_size)}"
+        raise UserError(f"the run in {cfg.out_dir} was trained with a global batch of {was}, not {have}: to "
+                        f"continue it exactly, {hint}")
 
 
 # ----------------------------------------------------------------------------- data order
@@ -189,7 +226,11 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 
 class RunLog:
-    """TensorBoard, out_dir/metrics.jsonl and the progress bar, on the master process only."""
+    """TensorBoard, out_dir/metrics.jsonl and the progress bar, on the master process only.
+
+    A resumed run (start > 0) keeps the records up to its checkpoint; a new run moves the logs
+    of an earlier one that left no checkpoint aside (old_logs.N/), so that two runs never mix.
+    """
 
     def __init__(self, cfg: TrainConfig, rt: Runtime, start: int, total: int):
         self.enabled = rt.master
@@ -201,25 +242,65 @@ class RunLog:
         out = Path(cfg.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.jsonl = out / "metrics.jsonl"
-        if start and self.jsonl.exists():  # records past the checkpoint describe steps that will be redone
-            keep = [r for r in self.jsonl.read_text().splitlines() if r and json.loads(r)["step"] <= start]
-            self.jsonl.write_text("".join(r + "\n" for r in keep))
+        if start:
+            self._keep_records_until(start)
+        else:
+            self._set_aside(out)
         self.tb = SummaryWriter(str(out / "tb"), purge_step=start or None)
         self.bar = tqdm(total=total, initial=start, disable=not cfg.progress, dynamic_ncols=True, unit="step")
+
+    def _keep_records_until(self, start: int) -> None:
+        """Records past the checkpoint describe steps that will be redone; a line torn by a kill is dropped."""
+        if not self.jsonl.exists():
+            return
+        keep, torn = [], 0
+        for line in self.jsonl.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+                step = int(record["step"])
+            except (ValueError, TypeError, KeyError):
+                torn += bool(line.strip())
+                continue
+            if step <= start:
+                keep.append(line + "\n")
+        tmp = self.jsonl.with_name(self.jsonl.name + ".tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, self.jsonl)  # a kill now leaves the old file or the new, never half of one
+        if torn:
+            print(f"warning: {self.jsonl}: dropped {torn} unreadable line(s), torn by a crash", file=sys.stderr)
+
+    def _set_aside(self, out: Path) -> None:
+        stale = [p for p in (self.jsonl, out / "tb") if p.exists()]
+        if not stale:
+            return
+        n = 1
+        while (out / f"old_logs.{n}").exists():
+            n += 1
+        dest = out / f"old_logs.{n}"
+        dest.mkdir()
+        for p in stale:
+            p.rename(dest / p.name)
+        print(f"{out} held the logs of an earlier run that left no checkpoint: moved them to {dest}")
 
     def record(self, step: int, split: str, values: dict) -> None:
         if not self.enabled:
             return
+        # JSON has no NaN or infinity: a value that is not finite is recorded as null
+        values = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in values.items()}
         for k, v in values.items():
             if v is not None:
                 self.tb.add_scalar(f"{split}/{k}", v, step)
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps({"step": step, "split": split, **values}) + "\n")
+        try:
+            with open(self.jsonl, "a") as f:
+                f.write(json.dumps({"step": step, "split": split, **values}, allow_nan=False) + "\n")
+        except OSError as e:
+            raise UserError(f"could not append to {self.jsonl}: {e.strerror or e}") from None
 
     def advance(self, **shown) -> None:
         if self.enabled:
             self.bar.update(1)
-            self.bar.set_postfix(shown, refresh=False)
+            if shown:
+                self.bar.set_postfix(shown, refresh=False)
 
     def write(self, text: str) -> None:
         if self.enabled:
@@ -284,20 +365,43 @@ def evaluate(model, val_set, cfg: TrainConfig, rt: Runtime) -> dict:
 
 
 class _StopRequest:
-    """First Ctrl-C: finish the current step, save a checkpoint and stop. Second: stop now."""
+    """The first SIGINT (Ctrl-C) or SIGTERM (a job scheduler, a preemption): finish the current
+    step, save a checkpoint and exit with 128 + the signal's number (130, 143), so that a chain
+    `train.py ... && finetune.py ...` stops there. The second: stop at once. (A repeat within a
+    second is the same request: torchrun passes on the signal its workers got from the terminal.)"""
 
-    def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGINT, self._handle)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, quiet: bool):
+        self.signum, self.quiet, self._previous, self._at = None, quiet, {}, 0.0
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this step (Ctrl-C again to stop at once)", flush=True)
+        if self.signum is not None:
+            if time.monotonic() - self._at < 1.0:
+                return
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+        self.signum, self._at = signum, time.monotonic()
+        if not self.quiet:  # os.write: a handler may interrupt a print
+            os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint "
+                        f"(again to stop at once)\n".encode())
 
     def restore(self):
-        signal.signal(signal.SIGINT, self._previous)
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def _check_optimizer_fits(optimizer, ckpt: Path) -> None:
+    """Each moment buffer of a loaded optimizer state has its parameter's shape."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for name, buf in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(buf) and buf.dim() and buf.shape != p.shape:
+                    raise UserError(f"{ckpt / STATE_FILE} does not fit the model: its {name} of shape "
+                                    f"{tuple(buf.shape)} belongs to a parameter of shape {tuple(p.shape)}")
 
 
 def fit(cfg: TrainConfig, rt: Runtime, model, train_set, val_set, export: Callable[[Path], None],
@@ -305,26 +409,43 @@ def fit(cfg: TrainConfig, rt: Runtime, model, train_set, val_set, export: Callab
     """Train `model`'s trainable parameters; returns the last evaluation's metrics.
 
     `export(folder)` writes the weights a checkpoint keeps (the whole model, or an adapter).
-    `resume_from`: a checkpoint folder whose optimizer, schedule, data position and RNG to
-    continue from (the caller has already loaded its weights into `model`).
+    `resume_from`: a checkpoint folder whose optimizer, schedule and data position to continue
+    from (the caller has already loaded its weights into `model`).
+
+    The host waits for the device only every log_interval steps, at evaluations and at
+    checkpoints. There the losses and gradient norms of the steps since are checked: a value that
+    is not finite stops the run (UserError) without a checkpoint, so that a checkpoint is only
+    ever written from a state whose losses, gradient norms, validation loss and weights are all
+    finite, and the last one kept is good. A signal ends the run with SystemExit(128 + signum)
+    after a checkpoint.
     """
     raw = model
     params = [p for p in raw.parameters() if p.requires_grad]
     optimizer = make_optimizer(raw, cfg, rt.device)
-    sampler = EpochSampler(len(train_set), cfg.batch_size * cfg.grad_accum * rt.world, cfg.seed)
+    global_batch = cfg.batch_size * cfg.grad_accum * rt.world
+    sampler = EpochSampler(len(train_set), global_batch, cfg.seed)
     total = cfg.max_iters or max(1, math.ceil(cfg.epochs * sampler.steps_per_epoch))
     eval_every = cfg.eval_interval or sampler.steps_per_epoch
     ckpt_every = cfg.ckpt_interval or eval_every
-    step, last_eval = 0, {}
+    step, last_eval, log_sums, log_steps = 0, {}, [0.0, 0.0, 0.0], 0
     if resume_from is not None:
         state = load_train_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise UserError(f"{resume_from / STATE_FILE} does not fit the model ({str(e)[:150]})") from None
+        _check_optimizer_fits(optimizer, resume_from)
         rt.scaler.load_state_dict(state["scaler"])
         sampler.load_state_dict(state["sampler"])
         step, last_eval = state["step"], state.get("last_eval", {})
-        torch.set_rng_state(state["rng"][rt.rank]["cpu"])
-        if rt.device.type == "cuda" and state["rng"][rt.rank].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"][rt.rank]["cuda"], rt.device)
+        log_sums, log_steps = state.get("log", (log_sums, log_steps))
+        if step >= total:
+            if step > total:
+                raise UserError(f"the run in {cfg.out_dir} is at step {step}, past the {total} steps asked for: "
+                                f"raise max_iters or epochs to continue it")
+            if rt.master:
+                print(f"the run in {cfg.out_dir} is complete (step {step} of {total}): nothing to do")
+            return last_eval
     if cfg.compile:
         model = torch.compile(model)
     if rt.ddp:
@@ -334,38 +455,59 @@ def fit(cfg: TrainConfig, rt: Runtime, model, train_set, val_set, export: Callab
 
     log = RunLog(cfg, rt, step, total)
     peak = peak_flops(cfg, rt.device)
-    last_ckpt = step
-    run_info = {**run_info, "train": asdict(cfg), "total_steps": total}
+    last_ckpt = step if resume_from is not None else None
+    run_info = {**run_info, "train": asdict(cfg), "total_steps": total, "global_batch": global_batch,
+                "processes": rt.world}
+    dev = rt.device
+    # On the device, so that no step waits for it: the training record in progress (loss sum,
+    # gradient norm sum, finite gradient norms counted), whether every loss and gradient norm
+    # since the last check was finite, and the first step that was not, with its values.
+    sums = torch.tensor(log_sums, dtype=torch.float32, device=dev)
+    all_finite = torch.ones((), dtype=torch.bool, device=dev)
+    first_bad = torch.zeros(3, dtype=torch.float32, device=dev)
+    step_t = torch.tensor(float(step), device=dev)
+    # fp16's gradient scaler skips a step whose gradients overflow, by design: that is no failure
+    scaler_skips = rt.scaler.is_enabled()
+
+    def stop_not_finite(what: str):
+        kept = f"the last good checkpoint (step {last_ckpt}) is kept in {cfg.out_dir}" if last_ckpt is not None \
+            else "no checkpoint was written"
+        raise UserError(f"{what}; stopped, {kept}. Lower lr, raise warmup_iters, or use dtype=bfloat16 instead of "
+                        f"float16")
 
     def checkpoint():
-        rng = {"cpu": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None}
-        rngs = [None] * rt.world
-        if rt.ddp:
-            dist.all_gather_object(rngs, rng)
-        else:
-            rngs = [rng]
+        nonlocal last_ckpt
+        if not torch.isfinite(torch.nn.utils.get_total_norm(params)):
+            stop_not_finite(f"the weights are not finite after step {step}")
+        if rt.ddp:  # every process holds the record's sums of all of them, for any process count to resume
+            dist.all_reduce(sums, op=dist.ReduceOp.AVG)
         if rt.master:
             state = {"step": step, "optimizer": optimizer.state_dict(), "scaler": rt.scaler.state_dict(),
-                     "sampler": sampler.state_dict(), "rng": rngs, "last_eval": last_eval}
+                     "sampler": sampler.state_dict(), "last_eval": last_eval, "log": (sums.tolist(), log_steps),
+                     "global_batch": global_batch}
             save_checkpoint(cfg.out_dir, export, state, {**run_info, "step": step})
         if rt.ddp:
             dist.barrier()
+        last_ckpt = step
 
-    stop = _StopRequest()
+    stop = _StopRequest(quiet=not rt.master)
     model.train()
-    t_last, tokens_since, tok_s = time.perf_counter(), 0, 0.0
+    t_last, tokens_since = time.perf_counter(), 0
+    pin = dev.type == "cuda"  # a copy from pinned memory does not wait for the device
     try:
         while step < total:
+            torch.manual_seed(step_seed(cfg.seed, step, rt.rank))
             lr = lr_at(step, total, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = sampler.next_batch()
-            loss_sum = torch.zeros((), device=rt.device)
+            loss_sum = torch.zeros((), device=dev)
             for micro in range(cfg.grad_accum):
                 start = (micro * rt.world + rt.rank) * cfg.batch_size
                 x, y = train_set.batch(batch[start:start + cfg.batch_size])
-                x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+                if pin:
+                    x, y = x.pin_memory(), y.pin_memory()
+                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
                 tokens_since += x.numel() * rt.world
                 # DDP averages gradients across processes only on the last micro-batch
                 sync = not rt.ddp or micro == cfg.grad_accum - 1
@@ -373,47 +515,68 @@ def fit(cfg: TrainConfig, rt: Runtime, model, train_set, val_set, export: Callab
                     _, loss = model(x, y, label_smoothing=cfg.label_smoothing)
                 rt.scaler.scale(loss / cfg.grad_accum).backward()
                 loss_sum += loss.detach()
-            if rt.ddp:
-                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-            train_loss = loss_sum.item() / cfg.grad_accum
-            if not math.isfinite(train_loss):
-                where = f"the last good checkpoint (step {last_ckpt}) is kept in {cfg.out_dir}" if last_ckpt \
-                    else "no checkpoint was written"
-                raise UserError(f"training loss is {train_loss} at step {step + 1}; stopped, {where}. Lower lr, "
-                                f"raise warmup_iters, or use dtype=bfloat16 instead of float16")
-            grad_norm = None
+            rt.scaler.unscale_(optimizer)
             if cfg.grad_clip:
-                rt.scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            else:
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
             rt.scaler.step(optimizer)
             rt.scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            step_t += 1
+            train_loss = loss_sum / cfg.grad_accum
+            norm_ok = torch.isfinite(grad_norm)
+            good = torch.isfinite(train_loss) & (norm_ok | scaler_skips)
+            first_bad = torch.where(all_finite & ~good, torch.stack([step_t, train_loss, grad_norm.float()]), first_bad)
+            all_finite &= good
+            sums += torch.stack([train_loss, torch.where(norm_ok, grad_norm, 0.0), norm_ok.float()])
+            log_steps += 1
 
-            if step % cfg.log_interval == 0 or step == total:
-                dt = time.perf_counter() - t_last
-                tok_s = tokens_since / dt
-                mfu = tok_s * flops_per_token(raw, x.size(1)) / peak if peak else None
-                log.record(step, "train", {"loss": train_loss, "lr": lr, "grad_norm": grad_norm,
-                                           "tokens_per_s": tok_s, "mfu": mfu, "epoch": step / sampler.steps_per_epoch})
-                t_last, tokens_since = time.perf_counter(), 0
-            log.advance(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:.0f}")
-            stopping = stop.requested
+            record_now = step % cfg.log_interval == 0 or step == total
+            eval_now = step % eval_every == 0 or step == total
+            ckpt_now = step % ckpt_every == 0 or step == total
+            if not (record_now or eval_now or ckpt_now or (stop.signum and not rt.ddp)):
+                log.advance()
+                continue
+            # a check: the one place the host waits for the device (and the processes agree)
+            flags = torch.stack([(~all_finite).float(), torch.tensor(float(stop.signum or 0), device=dev)])
             if rt.ddp:
-                flag = torch.tensor(float(stopping), device=rt.device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stopping = bool(flag.item())
-            if step % eval_every == 0 or step == total:
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
+            bad, signum = flags.tolist()
+            if bad:
+                at, bad_loss, bad_norm = first_bad.tolist()
+                stop_not_finite(f"the training loss is {bad_loss:g} (gradient norm {bad_norm:g}) at step {int(at)}")
+            if record_now:
+                if rt.ddp:
+                    dist.all_reduce(sums, op=dist.ReduceOp.AVG)
+                loss_total, norm_total, norms = sums.tolist()
+                mean_loss = loss_total / max(log_steps, 1)
+                tok_s = tokens_since / (time.perf_counter() - t_last)
+                mfu = tok_s * flops_per_token(raw, x.size(1)) / peak if peak else None
+                log.record(step, "train", {"loss": mean_loss, "lr": lr, "grad_norm": norm_total / norms if norms
+                                           else None, "tokens_per_s": tok_s, "mfu": mfu,
+                                           "epoch": step / sampler.steps_per_epoch})
+                log.advance(loss=f"{mean_loss:.3f}", tok_s=f"{tok_s:.0f}")
+                sums.zero_()
+                log_steps, t_last, tokens_since = 0, time.perf_counter(), 0
+            else:
+                log.advance()
+            if eval_now:
                 last_eval = evaluate(raw, val_set, cfg, rt)
+                if not math.isfinite(last_eval["loss"]):
+                    stop_not_finite(f"the validation loss is {last_eval['loss']:g} at step {step}")
                 log.record(step, "val", last_eval)
                 log.write(f"step {step}: val loss {last_eval['loss']:.4f}, perplexity {last_eval['perplexity']:.2f}, "
                           f"accuracy {last_eval['accuracy']:.4f}")
-            if step % ckpt_every == 0 or step == total or stopping:
+            if ckpt_now or signum:
                 checkpoint()
-                last_ckpt = step
-            if stopping:
-                log.write(f"stopped at step {step} of {total}; continue with --init_from=resume")
-                break
+            if signum:
+                name = signal.Signals(int(signum)).name
+                log.write(f"stopped by {name} at step {step} of {total}, checkpoint saved; continue with "
+                          f"--init_from=resume")
+                raise SystemExit(128 + int(signum))
     finally:
         stop.restore()
         log.close()

@@ -1,6 +1,7 @@
 """train.py and trainer.py: exact resume, DDP against one process, checkpoints, schedule, errors."""
 
 import json
+import shutil
 import sys
 
 import pytest
@@ -82,7 +83,11 @@ def test_ddp_two_processes_match_one(token_data, tmp_path):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
-def test_nan_loss_stops_and_keeps_last_checkpoint(token_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("log_interval", [1, 4])
+def test_nan_loss_stops_and_keeps_last_checkpoint(token_data, tmp_path, monkeypatch, log_interval):
+    """A NaN loss at step 5 stops the run naming step 5 and the checkpoint really kept (step 4).
+    With log_interval=4 the host looks only at step 8 (the loss stays on the device until then):
+    the NaN is still reported at step 5, and nothing is saved from step 8's broken state."""
     out = tmp_path / "run"
     original = train.GPT.forward
 
@@ -95,9 +100,12 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(token_data, tmp_path, monkeypa
 
     forward.calls = 0
     monkeypatch.setattr(train.GPT, "forward", forward)
-    with pytest.raises(UserError, match=r"loss is nan at step 5; stopped, the last good checkpoint \(step 4\)"):
-        run_train(monkeypatch, tiny_train_args(token_data, out, ckpt_interval=2, max_iters=8))
-    assert torch.load(find_checkpoint(out) / "train_state.pt", weights_only=True)["step"] == 4
+    with pytest.raises(UserError, match=r"training loss is nan \(gradient norm nan\) at step 5; stopped, the last "
+                                        r"good checkpoint \(step 4\) is kept"):
+        run_train(monkeypatch, tiny_train_args(token_data, out, ckpt_interval=4, eval_interval=4, max_iters=12,
+                                               log_interval=log_interval))
+    assert load_train_state(find_checkpoint(out))["step"] == 4
+    assert max(r["step"] for r in records(out)) == 4  # no record of a broken step
 
 
 def test_existing_run_is_not_overwritten(token_data, tmp_path, monkeypatch):
@@ -120,20 +128,35 @@ def test_continue_from_another_runs_weights(token_data, tmp_path, monkeypatch):
     assert info["model"]["n_layer"] == 2
 
 
-def test_checkpoint_swap_survives_a_crash(tmp_path):
-    def export(folder):
-        (folder / "w.txt").write_text("new")
+def test_checkpoint_swap_survives_a_crash(tmp_path, tiny_model, capsys):
+    from dataclasses import asdict
 
-    save_checkpoint(tmp_path, export, {"step": 1}, {})
+    def save(step):
+        state = {"step": step, "optimizer": {}, "sampler": {"epoch": 0, "offset": step}}
+        info = {"model": asdict(tiny_model.config), "train": {}, "step": step}
+        return save_checkpoint(tmp_path, lambda folder: tiny_model.save(folder / "model.safetensors"), state, info)
+
+    save(1)
     assert find_checkpoint(tmp_path) == tmp_path / "checkpoint"
+    save(2)  # the previous checkpoint is kept as checkpoint.old
+    assert load_train_state(tmp_path / "checkpoint.old")["step"] == 1
     # a crash between the two renames leaves only checkpoint.old (and maybe a half-written tmp)
+    shutil.rmtree(tmp_path / "checkpoint.old")
     (tmp_path / "checkpoint").rename(tmp_path / "checkpoint.old")
     (tmp_path / "checkpoint.tmp").mkdir()
     assert find_checkpoint(tmp_path) == tmp_path / "checkpoint.old"
-    save_checkpoint(tmp_path, export, {"step": 2}, {})
+    save(3)
     assert find_checkpoint(tmp_path) == tmp_path / "checkpoint"
     assert not (tmp_path / "checkpoint.tmp").exists()
-    assert load_train_state(find_checkpoint(tmp_path))["step"] == 2
+    assert load_train_state(find_checkpoint(tmp_path))["step"] == 3
+    # a torn checkpoint/: the one before it is used, with a warning; the next save sets the torn one aside
+    weights = tmp_path / "checkpoint" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert find_checkpoint(tmp_path) == tmp_path / "checkpoint.old"
+    assert "model.safetensors is truncated" in capsys.readouterr().err
+    save(4)
+    assert [load_train_state(tmp_path / d)["step"] for d in ("checkpoint", "checkpoint.old")] == [4, 2]
+    assert (tmp_path / "checkpoint.bad" / "model.safetensors").stat().st_size == 1000
 
 
 def test_lr_schedule():
