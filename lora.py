@@ -169,7 +169,7 @@ class LoRALinear(nn.Module):
 def _kernel_wins(device) -> bool:
     from kernels import wins
 
-    return wins("lora_linear", device)
+    return wins("lora_linear" if torch.is_grad_enabled() else "lora_linear_fwd", device)
 
 
 class LoRAEmbedding(nn.Module):

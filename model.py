@@ -83,12 +83,13 @@ def attention(q, k, v, mask, dropout_p: float, impl: str):
 def _use_kernel(impl: str, q) -> bool:
     if impl != "auto":
         return impl == "triton"
-    # 'auto' takes our kernel only on a GPU generation where it was measured faster than SDPA
+    # 'auto' takes our kernel only on a GPU generation where it was measured faster than SDPA:
+    # forward and backward for training, the forward alone for decoding
     if not q.is_cuda:
         return False
     from kernels import wins
 
-    return wins("attention", q.device)
+    return wins("attention" if torch.is_grad_enabled() else "attention_fwd", q.device)
 
 
 class CausalSelfAttention(nn.Module):
