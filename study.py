@@ -217,12 +217,11 @@ def last_samples(path: Path, expected: int) -> tuple[str, list[str]] | None:
     if not text.endswith("\n\n"):  # sample.py ends a finished block with a blank line
         return None
     lines = text.rstrip("\n").split("\n")
-    start = max(i for i, line in enumerate(lines) if line.startswith("# ")) if any(
-        line.startswith("# ") for line in lines) else None
-    if start is None or len(lines) - start - 1 != expected:
+    headers = [i for i, line in enumerate(lines) if line.startswith("# ")]  # each run of sample.py starts one
+    if not headers or len(lines) - headers[-1] - 1 != expected:
         return None
-    header = lines[start][2:].split(" ", 2)  # date, time, settings
-    return header[-1], lines[start + 1:]
+    date, time_, settings = lines[headers[-1]][2:].split(" ", 2)
+    return settings, lines[headers[-1] + 1:]
 
 
 def scores_file(eval_dir) -> Path | None:
@@ -233,7 +232,10 @@ def scores_file(eval_dir) -> Path | None:
 def is_done(step: Step, steps: list[Step]) -> bool:
     s = step.settings
     if step.kind in ("text", "wikitext"):
-        return all((Path(s["out_dir"]) / f).is_file() for f in ("train.bin", "val.bin", "meta.json"))
+        done = all((Path(s["out_dir"]) / f).is_file() for f in ("train.bin", "val.bin", "meta.json"))
+        if done and step.kind == "text":
+            check_sources(step)
+        return done
     if step.kind == "e2e":
         return all((Path(s["out_dir"]) / f).is_file() for f in ("train.jsonl", "dev.jsonl", "test.jsonl", "meta.json"))
     if step.kind in ("train", "lora"):
@@ -252,6 +254,19 @@ def is_done(step: Step, steps: list[Step]) -> bool:
         if adapter not in scored or adapter.stat().st_mtime > path.stat().st_mtime:
             return False
     return True
+
+
+def check_sources(step: Step) -> None:
+    """Prepared tokens are reused only if they are of the corpus the study names."""
+    from data.text.dataset import expand_sources
+
+    out = step.settings["out_dir"]
+    made = {Path(p).resolve() for p in json.loads((Path(out) / "meta.json").read_text()).get("sources", [])}
+    wanted = {p.resolve() for p in expand_sources(list(step.settings["src"]))}
+    if made != wanted:
+        raise UserError(f"{display(out)} holds the tokens of other files ({len(made)}, e.g. "
+                        f"{display(min(made)) if made else 'none'}) than the study's corpus ({len(wanted)} file(s)); "
+                        f"set pretrain_data to another folder, or delete that one to prepare it again")
 
 
 def n_continuations(step: Step) -> int:
@@ -281,6 +296,7 @@ def run_process(cmd: list[str], log_path: Path, echo: bool) -> tuple[int, bool, 
 
     The step runs in its own session, so a Ctrl-C at the terminal reaches the study alone, which
     passes exactly one SIGINT on per Ctrl-C: the trainer's first saves and stops, its second stops now.
+    SIGTERM and SIGHUP are passed on as they come, so that no step is left running without the study.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     interrupts = 0
@@ -295,12 +311,13 @@ def run_process(cmd: list[str], log_path: Path, echo: bool) -> tuple[int, bool, 
             nonlocal interrupts
             interrupts += 1
             if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-            if interrupts == 1:
+                proc.send_signal(signum)
+            if interrupts == 1 and signum == signal.SIGINT:
                 print("\nstudy: stopping the running step (a training run saves first); Ctrl-C again stops it now",
                       file=sys.stderr, flush=True)
 
-        previous = signal.signal(signal.SIGINT, forward)
+        signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        previous = {s: signal.signal(s, forward) for s in signals}
         try:
             while chunk := os.read(proc.stdout.fileno(), 1 << 16):
                 log.write(chunk)
@@ -311,7 +328,8 @@ def run_process(cmd: list[str], log_path: Path, echo: bool) -> tuple[int, bool, 
                     sys.stdout.flush()
             rc = proc.wait()
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
             if proc.poll() is None:  # the study itself failed: do not leave the step running
                 proc.send_signal(signal.SIGINT)
                 proc.wait()
@@ -349,10 +367,11 @@ def run_step(step: Step, steps: list[Step], cfg: StudyConfig, times: Times, stud
         step.status = "done"
         print(f"step {step.name}: skipped (done)", flush=True)
         return
+    t0 = time.perf_counter()  # GPT-2 medium's download, if any, is part of its step
     if step.name == "lora_e2e_gpt2m":
         why = "switched off (gpt2m='off')" if cfg.gpt2m == "off" else gpt2m_unavailable(step)
         if why and cfg.gpt2m == "on":
-            raise UserError(f"step {step.name}: {why}")
+            raise UserError(f"step {step.name}: {why} (or --gpt2m=auto skips it when the weights cannot be had)")
         if why:
             step.status, step.note = ("off" if cfg.gpt2m == "off" else "skipped"), why
             print(f"step {step.name}: skipped ({why}); to run it: {shown(step)}", flush=True)
@@ -372,7 +391,6 @@ def run_step(step: Step, steps: list[Step], cfg: StudyConfig, times: Times, stud
                     shutil.rmtree(stale)
     log = out / "logs" / f"{step.name}.log"
     print(f"step {step.name}: {shown(step, extra)}  (log: {display(log)})", flush=True)
-    t0 = time.perf_counter()
     rc, interrupted, tail = run_process(command(step, extra), log, cfg.echo)
     seconds = time.perf_counter() - t0
     times.add(step.name, seconds)
@@ -381,8 +399,9 @@ def run_step(step: Step, steps: list[Step], cfg: StudyConfig, times: Times, stud
     if step.kind in ("train", "lora") and (p := progress(step.settings["out_dir"])) is not None and not done:
         where, extra = f" at step {p[0]} of {p[1]}", ["--init_from=resume"]
     if interrupted:
-        print(f"step {step.name}: interrupted after {seconds:.0f} s{where}; {study_cmd} resumes the study",
-              file=sys.stderr, flush=True)
+        what = "done" if done else f"interrupted after {seconds:.0f} s{where}"
+        print(f"step {step.name}: {what}; the study stops here, and {study_cmd} continues it", file=sys.stderr,
+              flush=True)
         raise SystemExit(130)
     if not done:
         why = error_line(tail, rc) if rc else f"it ended without finishing{where}"

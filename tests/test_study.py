@@ -88,7 +88,7 @@ def study(tmp_path_factory):
 def test_ctrl_c_stops_the_study_and_the_rerun_resumes(study):
     rc, stdout, stderr, ckpt = study["stopped"]
     assert rc == 130, stderr
-    assert "step pretrain: interrupted" in stderr and "resumes the study" in stderr, stderr
+    assert "step pretrain: interrupted after" in stderr and "the study stops here" in stderr, stderr
     assert ckpt["step"] < ckpt["total_steps"] == 30  # the trainer saved where it stopped, before the end
     r = study["finished"]
     assert r.returncode == 0, r.stderr
@@ -186,6 +186,16 @@ def test_a_failing_step_stops_the_study_with_its_error_and_command(study):
     rerun = line.split("rerun it alone: ")[1].split(" (log:")[0].split()
     again = run_cli(*rerun[1:])
     assert_one_line_error(again, "fewer than one optimizer step needs")
+
+
+def test_prepared_tokens_of_another_corpus_are_not_reused(study):
+    root = study["root"]
+    other = root / "src" / "other.txt"
+    other.write_text("Another text.\n\nWith two documents.\n")
+    r = run_cli("study.py", preset(root, "other", corpus=str(other)), env=OFFLINE)
+    assert_one_line_error(r, "holds the tokens of other files", "set pretrain_data to another folder")
+    assert json.loads((root / "data" / "corpus" / "meta.json").read_text())["sources"] == [
+        str(root / "src" / "corpus.txt")]  # left as it was
 
 
 def test_bad_settings_stop_the_study_before_any_step(tmp_path):
