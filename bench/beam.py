@@ -30,7 +30,6 @@ may finish, the same early_stopping=False heuristic):
   divides by the generated length, as ours does.
 """
 
-import csv
 import dataclasses
 import sys
 import tempfile
@@ -64,19 +63,15 @@ class BeamBenchConfig:
     threads: int = setting(0, "CPU threads (0: torch's choice)", at_least=0)
 
 
-def read_prompts(path: Path, n: int) -> tuple[list[str], str]:
-    """The first n distinct MRs of an E2E CSV as prompts, and which reader read them."""
+def read_prompts(path: Path, n: int) -> list[str]:
+    """The first n distinct MRs of an E2E CSV as prompts, formatted as fine-tuning formats them."""
+    from data.e2e.dataset import format_prompt
+    from data.e2e.release import group_by_mr, parse_pairs_csv
+
     if not path.is_file():
         raise UserError(f"E2E test set '{path}' not found; pass --csv PATH/testset_w_refs.csv")
-    try:
-        from data.e2e.prepare import format_prompt, group_by_mr, parse_pairs_csv
-    except ImportError:  # the data preparation is not there yet: the same steps, minimally
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            mrs = [row["mr"] for row in csv.DictReader(f)]
-        mrs = [mr for i, mr in enumerate(mrs) if i == 0 or mr != mrs[i - 1]]
-        return [mr + " ||" for mr in mrs[:n]], "a minimal CSV reader (data/e2e/prepare.py not found)"
     groups = group_by_mr(parse_pairs_csv(path.read_bytes(), str(path)))
-    return [format_prompt(mr) for mr, _ in groups[:n]], "data/e2e/prepare.py"
+    return [format_prompt(mr) for mr, _ in groups[:n]]
 
 
 def random_models(cfg: GPTConfig, seed: int):
@@ -130,7 +125,7 @@ def main() -> None:
     except ImportError:
         raise UserError("the bench compares against transformers: pip install transformers") from None
 
-    texts, reader = read_prompts(Path(args.csv), args.n)
+    texts = read_prompts(Path(args.csv), args.n)
     prompts = encode_batch(texts)
     if args.model:
         from lora import load_adapter, merge_and_unload
@@ -177,7 +172,7 @@ def main() -> None:
                 cpu[name] += time.process_time() - c
 
     n = len(prompts)
-    print(f"{n} E2E test MRs (read by {reader}), {args.batch} side by side, beam {SEARCH['beam_size']}, "
+    print(f"{n} E2E test MRs, {args.batch} side by side, beam {SEARCH['beam_size']}, "
           f"length penalty {SEARCH['length_penalty']}, no-repeat {SEARCH['no_repeat_ngram_size']}-grams, "
           f"≤ {SEARCH['max_new_tokens']} new tokens; CPU fp32, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}, transformers {transformers.__version__}")
