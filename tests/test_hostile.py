@@ -1,0 +1,555 @@
+"""Hostile inputs and faults, met as a user meets them: bad values, NaNs, corrupt or foreign
+checkpoints, torn logs, signals, a full disk, kill -9 during checkpoint writes, a run moved to
+another number of processes. Each ends in one clear line (exit status 2, no traceback), or in a
+run that goes on exactly, and never costs the last good checkpoint."""
+
+import errno
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, TINY, assert_one_line_error, run_cli, tiny_train_args
+from safetensors.torch import load_file
+
+import finetune
+import train
+from checkpoints import find_checkpoint, load_train_state
+from common import run_main
+from data.e2e.dataset import tokenize_example
+from model import GPT, GPTConfig
+from trainer import EpochSampler
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models: threads only cost, the more so on a busy machine
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def strict_json(line: str):
+    """json.loads that refuses NaN and Infinity, which are not JSON."""
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(line, parse_constant=refuse)
+
+
+def records(out, split="train"):
+    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(strict_json, lines) if r["split"] == split]
+
+
+def losses(out, split="train"):
+    return [(r["step"], r["loss"]) for r in records(out, split)]
+
+
+def run_entry(module, args, monkeypatch, capsys) -> subprocess.CompletedProcess:
+    """An entry point's main under common.run_main, in this process, as its command line runs it:
+    the exit status and what it printed."""
+    monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *map(str, args)])
+    capsys.readouterr()
+    try:
+        run_main(module.main)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(module.__name__, code, out.out, out.err)
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file under `folder` and its bytes: to show that nothing was written or lost."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_at(monkeypatch, step: int):
+    """Make the run die (as if killed) when it begins `step`."""
+    original = EpochSampler.next_batch
+
+    def next_batch(self):
+        if self.offset + self.epoch * self.n >= (step - 1) * self.global_batch:
+            raise Crash
+        return original(self)
+
+    monkeypatch.setattr(EpochSampler, "next_batch", next_batch)
+    return lambda: monkeypatch.setattr(EpochSampler, "next_batch", original)
+
+
+PAIRS = [("name[The Eagle], eatType[coffee shop]", "The Eagle is a coffee shop."),
+         ("name[Blue Spice], area[riverside]", "Blue Spice is in the riverside area.")]
+
+
+@pytest.fixture(scope="module")
+def lora_setup(tmp_path_factory):
+    """A tiny base model file and a prepared E2E folder of a few pairs."""
+    root = tmp_path_factory.mktemp("lora")
+    torch.manual_seed(0)
+    GPT(GPTConfig(**{**TINY, "block_size": 64})).save(root / "base.safetensors")
+    lines = []
+    for mr, ref in PAIRS * 8:
+        prompt, target = tokenize_example(mr, ref)
+        lines.append(json.dumps({"mr": mr, "ref": ref, "prompt": prompt, "target": target}))
+    for split in ("train", "dev"):
+        (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def finetune_args(setup, out, **overrides):
+    settings = {"init_from": setup / "base.safetensors", "data_dir": setup, "out_dir": out, "device": "cpu",
+                "batch_size": 4, "max_iters": 2, "eval_interval": 2, "eval_iters": 1, "log_interval": 1,
+                "max_seq_len": 64, "lora_r": 2, "progress": False, **overrides}
+    return [f"--{k}={v}" for k, v in settings.items()]
+
+
+# ----------------------------------------------------------------------------- 2: bad values
+
+
+# (key, value, what the line must say besides the value): the key and what is allowed
+BAD_VALUES = [("batch_size", "-1", "'batch_size'", "at least 1"), ("batch_size", "0", "'batch_size'", "at least 1"),
+              ("grad_accum", "0", "'grad_accum'", "at least 1"), ("eval_iters", "-1", "'eval_iters'", "at least 0"),
+              ("max_iters", "-5", "'max_iters'", "at least 0"), ("lr", "-1", "'lr'", "above 0"),
+              ("dropout", "2.0", "'dropout'", "below 1"),
+              ("decay", "step", "'decay'", "choose from 'cosine', 'linear', 'constant'"),
+              ("epochs", "0", "'epochs'", "above 0"), ("min_lr", "1.0", "'min_lr'", "at most lr")]
+FINETUNE_BAD = [("lora_r", "0", "'lora_r'", "positive"), ("lora_dropout", "1.5", "'lora_dropout'", "below 1"),
+                ("lora_alpha", "0", "'lora_alpha'", "above 0"), ("lora_targets", "q,x", "LoRA target", "q, k, v"),
+                ("max_seq_len", "1", "'max_seq_len'", "at least 2"),
+                ("train_subset", "-3", "'train_subset'", "at least 0")]
+
+
+def test_bad_values_are_one_line_and_write_nothing(token_data, lora_setup, tmp_path, monkeypatch, capsys):
+    """Every bad value of the issue, for both entry points: exit status 2, one line naming the
+    key, the value and what is allowed, and no out_dir made."""
+    out = tmp_path / "never"
+    cases = [(train, tiny_train_args(token_data, out), case) for case in BAD_VALUES]
+    cases += [(finetune, finetune_args(lora_setup, out), case) for case in BAD_VALUES + FINETUNE_BAD]
+    for module, args, (key, value, *needles) in cases:
+        r = run_entry(module, [*args, f"--{key}={value}"], monkeypatch, capsys)
+        assert_one_line_error(r, value.split(",")[-1], *needles)
+        assert not out.exists()
+    # and as a user runs them, in a process of their own: the value that used to hang, one that crashed late
+    assert_one_line_error(run_cli("train.py", *tiny_train_args(token_data, out, batch_size=-1), env=ONE_THREAD),
+                          "'batch_size' is -1")
+    assert_one_line_error(run_cli("finetune.py", *finetune_args(lora_setup, out, decay="step"), env=ONE_THREAD),
+                          "'decay' is 'step'")
+    assert not out.exists()
+
+
+def test_help_lists_every_key(monkeypatch, capsys):
+    from dataclasses import fields
+
+    from settings import FinetuneConfig, PretrainConfig
+
+    for module, cls in ((train, PretrainConfig), (finetune, FinetuneConfig)):
+        r = run_entry(module, ["--help"], monkeypatch, capsys)
+        assert r.returncode == 0 and not r.stderr
+        lines = r.stdout.splitlines()
+        for f in fields(cls):
+            line = next(line for line in lines if line.strip().startswith(f"--{f.name}="))
+            assert repr(f.default) in line and f.metadata["help"][:30] in line, line
+
+
+# ----------------------------------------------------------------------------- 1: NaN guard
+
+
+def test_exploding_lr_keeps_a_good_checkpoint(token_data, tmp_path, monkeypatch, capsys):
+    """--lr=1e6 diverges in a few steps. The run stops naming the checkpoint really kept, and that
+    checkpoint is good: finite weights, a finite validation loss, and a run resumed from it at a
+    sane lr trains on with finite losses. A good run resumed at lr 1e6 with a checkpoint every
+    step keeps a good one too."""
+    out = tmp_path / "run"
+    r = run_entry(train, tiny_train_args(token_data, out, lr=1e6, eval_interval=1, max_iters=20), monkeypatch, capsys)
+    line = assert_one_line_error(r, "stopped, the last good checkpoint")
+    kept = load_train_state(find_checkpoint(out))["step"]
+    assert f"(step {kept}) is kept" in line and 1 <= kept < 20
+    weights = load_file(find_checkpoint(out) / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert all(v["loss"] is not None for v in records(out, "val"))  # every evaluation kept was finite
+    r = run_entry(train, ["--init_from=resume", f"--out_dir={out}", "--lr=1e-4", "--min_lr=1e-5",
+                          f"--max_iters={kept + 3}"], monkeypatch, capsys)
+    assert r.returncode == 0, r.stderr
+    assert [s for s, loss in losses(out)][-3:] == [kept + 1, kept + 2, kept + 3]
+    assert all(loss is not None for _, loss in losses(out))
+
+    good = tmp_path / "good"
+    assert run_entry(train, tiny_train_args(token_data, good, max_iters=10), monkeypatch, capsys).returncode == 0
+    r = run_entry(train, ["--init_from=resume", f"--out_dir={good}", "--lr=1e6", "--ckpt_interval=1",
+                          "--eval_interval=1", "--max_iters=30"], monkeypatch, capsys)
+    line = assert_one_line_error(r, "the last good checkpoint")
+    kept = load_train_state(find_checkpoint(good))["step"]
+    assert kept >= 10 and f"(step {kept}) is kept" in line
+    weights = load_file(find_checkpoint(good) / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+class _InfGrad(torch.autograd.Function):
+    """The identity, whose gradient overflows: a finite loss with infinite gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_infinite_gradients(token_data, tmp_path, monkeypatch, capsys, dtype):
+    """Infinite gradients at step 2 stop a float32 run (nothing saved from them); under float16
+    the gradient scaler skips that step by design, and the run goes on."""
+    original = train.GPT.forward
+
+    def forward(self, idx, targets=None, label_smoothing=0.0):
+        logits, loss = original(self, idx, targets, label_smoothing)
+        if targets is not None and self.training:
+            forward.calls += 1
+            if forward.calls == 2:
+                loss = _InfGrad.apply(loss)
+        return logits, loss
+
+    forward.calls = 0
+    monkeypatch.setattr(train.GPT, "forward", forward)
+    out = tmp_path / dtype
+    r = run_entry(train, tiny_train_args(token_data, out, dtype=dtype, max_iters=4, log_interval=2,
+                                         eval_interval=4), monkeypatch, capsys)
+    if dtype == "float32":
+        assert_one_line_error(r, "gradient norm", "at step 2", "no checkpoint was written")
+        assert find_checkpoint(out) is None
+    else:
+        assert r.returncode == 0, r.stderr
+        state = load_train_state(find_checkpoint(out))
+        assert state["step"] == 4 and state["scaler"]["scale"] == 2.0 ** 16 / 2  # one skipped step
+        assert [s for s, _ in losses(out)] == [2, 4]
+
+
+# ----------------------------------------------------------------------------- 3: process counts
+
+
+def test_resume_on_two_processes_continues_exactly(token_data, tmp_path, monkeypatch):
+    """A one-process run (2 micro-batches a step) killed after its step-2 checkpoint, resumed under
+    torchrun with 2 processes of one micro-batch each (the same global batch): the losses and
+    weights of the run that was never interrupted."""
+    settings = {"max_iters": 4, "ckpt_interval": 2, "eval_interval": 2, "dropout": 0.1}  # the same masks too
+    whole, moved = tmp_path / "whole", tmp_path / "moved"
+    monkeypatch.setattr(sys, "argv", ["train.py", *tiny_train_args(token_data, whole, grad_accum=2, **settings)])
+    train.main()
+    undo = crash_at(monkeypatch, 3)
+    monkeypatch.setattr(sys, "argv", ["train.py", *tiny_train_args(token_data, moved, grad_accum=2, **settings)])
+    with pytest.raises(Crash):
+        train.main()
+    undo()
+    r = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                f"--out_dir={moved}", "--init_from=resume", "--grad_accum=1", env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr + r.stdout
+    for split in ("train", "val"):
+        assert [s for s, _ in losses(moved, split)] == [s for s, _ in losses(whole, split)]
+        for (_, a), (_, b) in zip(losses(whole, split), losses(moved, split)):
+            assert a == pytest.approx(b, abs=1e-5)
+    wa, wb = (load_file(d / "checkpoint" / "model.safetensors") for d in (whole, moved))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_resume_with_another_global_batch_is_refused(token_data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert run_entry(train, tiny_train_args(token_data, out, grad_accum=2, max_iters=2), monkeypatch,
+                     capsys).returncode == 0
+    before = snapshot(out)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun --nproc_per_node=2 starts it
+    r = run_entry(train, [f"--out_dir={out}", "--init_from=resume", "--max_iters=4"], monkeypatch, capsys)
+    assert_one_line_error(r, "global batch of 8", "batch_size 4 x grad_accum 2 x 1", "--batch_size=4 --grad_accum=1")
+    assert snapshot(out) == before
+
+
+# ----------------------------------------------------------------------------- 4: corrupt or foreign
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    """A finished 4-step run: checkpoint/ at step 4, checkpoint.old/ at step 2, and its data."""
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("two")
+    data = root / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 20_000), ("val", 2_000)):
+        np.minimum(rng.zipf(1.3, n), 50256).astype(np.uint16).tofile(data / f"{split}.bin")
+    argv = sys.argv
+    sys.argv = ["train.py", *tiny_train_args(data, root / "run", max_iters=4, ckpt_interval=2, dropout=0.1)]
+    try:
+        train.main()
+    finally:
+        sys.argv = argv
+    assert [load_train_state(root / "run" / d)["step"] for d in ("checkpoint", "checkpoint.old")] == [4, 2]
+    return root / "run"
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    shutil.copytree(run, dest)
+    return dest
+
+
+def test_truncated_checkpoint_falls_back_to_the_one_before(two_checkpoints, tmp_path, monkeypatch, capsys):
+    """A torn checkpoint/train_state.pt: resume says so, in one line, continues from
+    checkpoint.old (step 2) exactly as the run went, and sets the torn one aside."""
+    run = copy_run(two_checkpoints, tmp_path / "run")
+    state = run / "checkpoint" / "train_state.pt"
+    truncate(state, state.stat().st_size - 100)
+    torn = state.read_bytes()
+    r = run_entry(train, [f"--out_dir={run}", "--init_from=resume"], monkeypatch, capsys)
+    assert r.returncode == 0, r.stderr
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "checkpoint/train_state.pt is truncated" in warnings[0]
+    assert "checkpoint.old (step 2)" in warnings[0]
+    assert losses(run) == losses(two_checkpoints) and losses(run, "val") == losses(two_checkpoints, "val")
+    assert load_train_state(run / "checkpoint")["step"] == 4
+    assert (run / "checkpoint.bad" / "train_state.pt").read_bytes() == torn  # set aside, not deleted
+
+
+def write_foreign_model(path: Path):
+    GPT(GPTConfig(**{**TINY, "n_embd": 64})).save(path)
+
+
+def write_malicious_pickle(path: Path):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {path.parent / 'PWNED'}",))
+
+    import pickle
+
+    path.write_bytes(pickle.dumps({"step": 4, "x": Payload()}))
+
+
+def truncate(path: Path, size: int):
+    path.write_bytes(path.read_bytes()[:size])
+
+
+CORRUPTIONS = {
+    "truncated weights": (lambda c: truncate(c / "model.safetensors", 5000), "model.safetensors is truncated"),
+    "truncated state": (lambda c: truncate(c / "train_state.pt", 3000), "train_state.pt is truncated"),
+    "weights of another shape": (lambda c: write_foreign_model(c / "model.safetensors"),
+                                 "model.safetensors belongs to another model: n_embd=64 (config.json: 32)"),
+    "malicious pickle": (lambda c: write_malicious_pickle(c / "train_state.pt"), "train_state.pt is truncated, corr"),
+    "torn config.json": (lambda c: (c / "config.json").write_text('{"model": {'), "config.json is truncated"),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPTIONS))
+def test_broken_checkpoint_without_fallback_is_one_line(two_checkpoints, tmp_path, monkeypatch, capsys, case):
+    run = copy_run(two_checkpoints, tmp_path / "run")
+    shutil.rmtree(run / "checkpoint.old")
+    damage, needle = CORRUPTIONS[case]
+    damage(run / "checkpoint")
+    before = snapshot(run)
+    r = run_entry(train, [f"--out_dir={run}", "--init_from=resume", "--max_iters=6"], monkeypatch, capsys)
+    assert_one_line_error(r, "no intact checkpoint", str(run / "checkpoint"), needle)
+    assert snapshot(run) == before and not (run / "PWNED").exists()
+    # a new run there is refused too: the broken checkpoint is the user's to look at
+    r = run_entry(train, tiny_train_args(two_checkpoints.parent / "data", run), monkeypatch, capsys)
+    assert_one_line_error(r, "already holds a run")
+    assert snapshot(run) == before
+
+
+def test_foreign_weights_fall_back_too(two_checkpoints, tmp_path, monkeypatch, capsys):
+    run = copy_run(two_checkpoints, tmp_path / "run")
+    write_foreign_model(run / "checkpoint" / "model.safetensors")
+    r = run_entry(train, [f"--out_dir={run}", "--init_from=resume", "--max_iters=5"], monkeypatch, capsys)
+    assert r.returncode == 0, r.stderr
+    assert "belongs to another model" in r.stderr and "checkpoint.old (step 2)" in r.stderr
+    assert [s for s, _ in losses(run)] == [1, 2, 3, 4, 5]
+
+
+def test_torn_metrics_line_never_blocks_resume(two_checkpoints, tmp_path, monkeypatch, capsys):
+    run = copy_run(two_checkpoints, tmp_path / "run")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "split": "tr')  # a kill in the middle of a record
+    r = run_entry(train, [f"--out_dir={run}", "--init_from=resume", "--max_iters=6"], monkeypatch, capsys)
+    assert r.returncode == 0, r.stderr
+    assert "dropped 1 unreadable line" in r.stderr
+    assert [s for s, _ in losses(run)] == [1, 2, 3, 4, 5, 6]  # every line valid JSON again
+
+
+def test_wrong_entry_point_for_the_run(two_checkpoints, lora_setup, tmp_path, monkeypatch, capsys):
+    lora = tmp_path / "lora"
+    assert run_entry(finetune, finetune_args(lora_setup, lora), monkeypatch, capsys).returncode == 0
+    before = snapshot(lora)
+    r = run_entry(train, [f"--out_dir={lora}", "--init_from=resume"], monkeypatch, capsys)
+    assert_one_line_error(r, "holds a LoRA fine-tuning run", "python finetune.py")
+    pre = copy_run(two_checkpoints, tmp_path / "pre")
+    r = run_entry(finetune, [f"--out_dir={pre}", "--init_from=resume", f"--data_dir={lora_setup}"], monkeypatch,
+                  capsys)
+    assert_one_line_error(r, "holds a pretraining run", "python train.py")
+    assert snapshot(lora) == before and snapshot(pre) == snapshot(two_checkpoints)
+
+
+# ----------------------------------------------------------------------------- 5: runs never mix
+
+
+def test_new_run_sets_a_dead_runs_logs_aside(token_data, tmp_path, monkeypatch, capsys):
+    """A run that died before its first checkpoint left metrics.jsonl and tb/: a new run in that
+    out_dir starts its own, and the dead run's are kept aside, untouched."""
+    out = tmp_path / "run"
+    undo = crash_at(monkeypatch, 3)
+    with pytest.raises(Crash):
+        run_entry(train, tiny_train_args(token_data, out, max_iters=6), monkeypatch, capsys)
+    undo()
+    assert find_checkpoint(out) is None and (out / "metrics.jsonl").exists()
+    dead = snapshot(out)
+    r = run_entry(train, tiny_train_args(token_data, out, max_iters=3), monkeypatch, capsys)
+    assert r.returncode == 0, r.stderr
+    assert "moved them to" in r.stdout
+    assert {f"old_logs.1/{k}": v for k, v in dead.items()} == \
+        {k: v for k, v in snapshot(out).items() if k.startswith("old_logs.1/")}
+    assert [s for s, _ in losses(out)] == [1, 2, 3]
+    assert len(list((out / "tb").iterdir())) == 1
+
+
+# ----------------------------------------------------------------------------- 6: signals and disks
+
+
+def wait_for(predicate, timeout=120.0, poll=0.02):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(poll)
+
+
+def train_records_so_far(out: Path) -> int:
+    try:
+        return sum('"split": "train"' in line for line in (out / "metrics.jsonl").read_text().splitlines())
+    except FileNotFoundError:
+        return 0
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_143(token_data, tmp_path):
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "train.py", *tiny_train_args(token_data, out, max_iters=10_000,
+                                                                       eval_interval=10_000)],
+                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, **ONE_THREAD})
+    wait_for(lambda: train_records_so_far(out) >= 2)
+    p.send_signal(signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 143, stderr
+    assert "Traceback" not in stderr and "stopped by SIGTERM" in stdout
+    step = load_train_state(find_checkpoint(out))["step"]
+    assert step == records(out)[-1]["step"] >= 2 and f"at step {step} of 10000" in stdout
+
+
+def test_ctrl_c_saves_and_exits_130(token_data, tmp_path, monkeypatch, capsys):
+    original = EpochSampler.next_batch
+
+    def next_batch(self):
+        if self.offset == 2 * self.global_batch:  # during step 3
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self)
+
+    monkeypatch.setattr(EpochSampler, "next_batch", next_batch)
+    out = tmp_path / "run"
+    r = run_entry(train, tiny_train_args(token_data, out, max_iters=6), monkeypatch, capsys)
+    assert r.returncode == 130 and "Traceback" not in r.stderr
+    assert load_train_state(find_checkpoint(out))["step"] == 3 and "stopped by SIGINT at step 3" in r.stdout
+
+
+@pytest.mark.parametrize("how", ["write fails", "write lost"])
+def test_full_disk_while_saving(token_data, tmp_path, monkeypatch, capsys, how):
+    """The disk fills up during the second checkpoint: one line, the first checkpoint intact, no
+    temporary folder. Either the write fails (OSError ENOSPC), or, as safetensors can do, it
+    loses the tail of the file without a word."""
+    import checkpoints
+
+    out = tmp_path / "run"
+    first = {}  # the first checkpoint as it was before the second was tried
+    if how == "write fails":
+        real = checkpoints.torch.save
+
+        def save(obj, f):
+            if (out / "checkpoint").exists() and not first:
+                first.update(snapshot(out / "checkpoint"))
+                f.write(b"partial")
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            real(obj, f)
+
+        monkeypatch.setattr(checkpoints.torch, "save", save)
+    else:
+        real = GPT.save
+
+        def save(self, path):
+            real(self, path)
+            if (out / "checkpoint").exists() and not first:
+                first.update(snapshot(out / "checkpoint"))
+                Path(path).write_bytes(Path(path).read_bytes()[:4096])
+
+        monkeypatch.setattr(GPT, "save", save)
+    r = run_entry(train, tiny_train_args(token_data, out, max_iters=4, ckpt_interval=2), monkeypatch, capsys)
+    needle = "No space left on device" if how == "write fails" else "model.safetensors is truncated"
+    assert_one_line_error(r, "could not write a checkpoint", needle, "(step 2) is intact")
+    assert snapshot(out / "checkpoint") == first and not (out / "checkpoint.tmp").exists()
+
+
+# ----------------------------------------------------------------------------- kill -9
+
+
+def checkpoint_step(out: Path) -> int:
+    try:
+        return json.loads((out / "checkpoint" / "config.json").read_text())["step"]
+    except (OSError, ValueError):
+        return 0
+
+
+def test_kill_9_during_checkpoint_writes_then_resume(tmp_path, monkeypatch):
+    """SIGKILL at a random moment of a checkpoint write (a checkpoint every step), four times:
+    every restart loads, and the run ends with the losses and the byte-identical weights of a
+    run never interrupted. (A vocabulary of 256 keeps the steps short against the writes.)"""
+    import numpy as np
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8_000), ("val", 1_000)):
+        rng.integers(0, 256, n, dtype=np.uint16).tofile(data / f"{split}.bin")
+    settings = {"max_iters": 16, "eval_interval": 4, "dropout": 0.1, "vocab_size": 256}
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    monkeypatch.setattr(sys, "argv", ["train.py", *tiny_train_args(data, whole, **settings)])
+    train.main()
+    rng = random.Random(12)
+    kills = 0
+    for attempt in range(5):
+        resume = {"init_from": "resume"} if attempt else {}
+        p = subprocess.Popen([sys.executable, "train.py", *tiny_train_args(data, killed, ckpt_interval=1, **settings,
+                                                                           **resume)],
+                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, **ONE_THREAD})
+        if attempt < 4:
+            # once this process has saved a checkpoint, kill it while it writes a later one
+            start = checkpoint_step(killed)
+            wait_for(lambda p=p, start=start: checkpoint_step(killed) > start or p.poll() is not None)
+            wait_for(lambda p=p: (killed / "checkpoint.tmp").exists() or p.poll() is not None, poll=0.001)
+            time.sleep(rng.uniform(0.0, 0.02))
+            if p.poll() is None:
+                p.kill()
+                kills += 1
+        stderr = p.communicate(timeout=120)[1]
+        # every restart loaded, and no checkpoint it found was ever torn
+        assert not [line for line in stderr.splitlines() if line.startswith("error") or "Traceback" in line
+                    or ("warning" in line and "checkpoint" in line)], stderr
+    assert p.returncode == 0 and kills >= 3
+    assert losses(killed) == losses(whole) and losses(killed, "val") == losses(whole, "val")
+    assert (killed / "checkpoint" / "model.safetensors").read_bytes() == \
+        (whole / "checkpoint" / "model.safetensors").read_bytes()
