@@ -131,10 +131,11 @@ def teardown(rt: Runtime) -> None:
         dist.destroy_process_group()
 
 
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """The RNG seed of one process for one optimizer step (dropout). Derived, never stored: a run
-    resumed at any step, with any number of processes, draws what an uninterrupted run draws."""
-    return (seed * 1_000_003 + step) * 65_537 + rank
+def micro_batch_seed(seed: int, step: int, micro: int) -> int:
+    """The RNG seed (dropout) of the micro-batch that is the `micro`-th of a step's global batch,
+    whichever process runs it. Derived, never stored: a run resumed at any step, on any number
+    of processes with the same global batch, draws what the uninterrupted run drew."""
+    return (seed * 1_000_003 + step) * 65_537 + micro
 
 
 def check_resume(cfg: TrainConfig, ckpt: Path, world: int) -> None:
@@ -460,8 +461,8 @@ def fit(cfg: TrainConfig, rt: Runtime, model, train_set, val_set, export: Callab
                 "processes": rt.world}
     dev = rt.device
     # On the device, so that no step waits for it: the training record in progress (loss sum,
-    # gradient norm sum, finite gradient norms counted), whether every loss and gradient norm
-    # since the last check was finite, and the first step that was not, with its values.
+    # gradient norm sum, finite gradient norms counted), whether every loss and gradient norm so
+    # far was finite, and the first step that was not, with its values.
     sums = torch.tensor(log_sums, dtype=torch.float32, device=dev)
     all_finite = torch.ones((), dtype=torch.bool, device=dev)
     first_bad = torch.zeros(3, dtype=torch.float32, device=dev)
@@ -496,14 +497,15 @@ def fit(cfg: TrainConfig, rt: Runtime, model, train_set, val_set, export: Callab
     pin = dev.type == "cuda"  # a copy from pinned memory does not wait for the device
     try:
         while step < total:
-            torch.manual_seed(step_seed(cfg.seed, step, rt.rank))
             lr = lr_at(step, total, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = sampler.next_batch()
             loss_sum = torch.zeros((), device=dev)
             for micro in range(cfg.grad_accum):
-                start = (micro * rt.world + rt.rank) * cfg.batch_size
+                shard = micro * rt.world + rt.rank  # this micro-batch's place in the global batch
+                torch.manual_seed(micro_batch_seed(cfg.seed, step, shard))
+                start = shard * cfg.batch_size
                 x, y = train_set.batch(batch[start:start + cfg.batch_size])
                 if pin:
                     x, y = x.pin_memory(), y.pin_memory()

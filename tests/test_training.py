@@ -3,6 +3,7 @@
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,15 @@ from checkpoints import find_checkpoint, load_train_state, save_checkpoint
 from common import UserError, load_config
 from settings import PretrainConfig
 from trainer import EpochSampler, TrainConfig, lr_at
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: a second thread only costs, the more so on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def records(out, split="train"):
@@ -67,7 +77,8 @@ def test_resume_equals_uninterrupted(token_data, tmp_path, monkeypatch):
 def test_ddp_two_processes_match_one(token_data, tmp_path):
     """2 CPU processes (gloo) of batch 4 against 1 process accumulating 2 micro-batches of 4."""
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    r = run_cli("train.py", *tiny_train_args(token_data, single, grad_accum=2, max_iters=4))
+    r = run_cli("train.py", *tiny_train_args(token_data, single, grad_accum=2, max_iters=4),
+                env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     r = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
                 *tiny_train_args(token_data, ddp, grad_accum=1, max_iters=4), env={"OMP_NUM_THREADS": "1"})
@@ -106,6 +117,35 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(token_data, tmp_path, monkeypa
                                                log_interval=log_interval))
     assert load_train_state(find_checkpoint(out))["step"] == 4
     assert max(r["step"] for r in records(out)) == 4  # no record of a broken step
+
+
+def test_host_reads_the_device_only_at_checks(token_data, tmp_path, monkeypatch):
+    """Between log steps, evaluations and checkpoints, no code of ours in the step loop reads a
+    tensor's value on the host (item, tolist, bool, float, ...): on a GPU each such read waits for
+    the queue to drain. Here every read is traced to its call site and step."""
+    ours = {str(REPO / f) for f in ("trainer.py", "model.py", "loss.py", "lora.py", "train.py")}
+    step, reads = [0], []
+    original = EpochSampler.next_batch
+
+    def next_batch(self):
+        step[0] += 1
+        return original(self)
+
+    monkeypatch.setattr(EpochSampler, "next_batch", next_batch)
+    def spy(name, real):
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1)
+            # (the data order is a host tensor from the start: EpochSampler reads nothing off the device)
+            if caller.f_code.co_filename in ours and step[0] and caller.f_code.co_name != "next_batch":
+                reads.append((step[0], name, Path(caller.f_code.co_filename).name, caller.f_lineno))
+            return real(self, *args, **kwargs)
+        return read
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu"):
+        monkeypatch.setattr(torch.Tensor, name, spy(name, getattr(torch.Tensor, name)))
+    run_train(monkeypatch, tiny_train_args(token_data, tmp_path / "run", max_iters=12, log_interval=4,
+                                           eval_interval=6, dropout=0.1))
+    assert {s for s, *_ in reads} == {4, 6, 8, 12}, reads  # the log steps, the evaluations (with checkpoints)
 
 
 def test_existing_run_is_not_overwritten(token_data, tmp_path, monkeypatch):

@@ -4,12 +4,23 @@ import json
 import sys
 
 import pytest
+import torch
 from conftest import REPO, assert_one_line_error, run_cli, tiny_train_args
 
 from data.e2e.dataset import tokenize_example
 from finetune import E2EPairs
 from loss import IGNORE_INDEX
 from tokenizer import EOT, encode
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: a second thread only costs, the more so on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 PAIRS = [
     ("name[The Eagle], eatType[coffee shop], food[French]", "The Eagle is a French coffee shop."),
