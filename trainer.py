@@ -346,14 +346,16 @@ def evaluate(model, val_set, cfg: TrainConfig, rt: Runtime) -> dict:
     n_batches = math.ceil(len(val_set) / cfg.batch_size)
     if cfg.eval_iters:
         n_batches = min(n_batches, cfg.eval_iters)
-    totals = torch.zeros(3, dtype=torch.float64)
+    dtype = torch.float32 if rt.device.type == "mps" else torch.float64  # MPS has no float64
+    totals = torch.zeros(3, dtype=dtype, device=rt.device)
     for b in range(rt.rank, n_batches, rt.world):
         idx = list(range(b * cfg.batch_size, min(len(val_set), (b + 1) * cfg.batch_size)))
         x, y = val_set.batch(idx)
         with rt.autocast():
-            totals += torch.tensor(model.score(x.to(rt.device), y.to(rt.device)), dtype=torch.float64)
+            scores = model.score(x.to(rt.device), y.to(rt.device))
+        # summed where they are (numbers, or tensors on the device), read once at the end
+        totals += torch.stack([torch.as_tensor(v, device=rt.device).to(dtype) for v in scores])
     if rt.ddp:
-        totals = totals.to(rt.device)
         dist.all_reduce(totals)
     loss_sum, correct, count = totals.tolist()
     model.train(was_training)
