@@ -150,7 +150,7 @@ def save_checkpoint(out_dir, export: Callable[[Path], None], state: dict, info: 
     if problem is not None:
         shutil.rmtree(tmp, ignore_errors=True)
         kept = next((c for c in (final, old) if c.is_dir() and checkpoint_problem(c) is None), None)
-        where = f"the previous one ({kept}, step {run_info(kept)['step']}) is intact" if kept else \
+        where = f"the previous checkpoint (step {run_info(kept)['step']}) is intact in {kept}" if kept else \
             "no earlier checkpoint exists"
         raise UserError(f"could not write a checkpoint in {out_dir}: {problem}; {where}. Free some disk space and "
                         f"continue with --init_from=resume")
