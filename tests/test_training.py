@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, assert_one_line_error, run_cli, tiny_train_args
+from test_hostile import run_entry
 
 import train
 import trainer
@@ -252,11 +253,14 @@ def test_config_files_and_overrides(tmp_path):
         load_config(PretrainConfig, [str(bad)])
 
 
-def test_cli_errors_are_one_line(tmp_path):
+def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
     assert_one_line_error(run_cli("train.py", "config/pretrain_small.py", "--dropuot=0.1"), "unknown config key")
-    assert_one_line_error(run_cli("train.py", "--data_dir"), "needs a value")
-    assert_one_line_error(run_cli("train.py", "config/pretrain_small.py", f"--data_dir={tmp_path}",
-                                  f"--out_dir={tmp_path / 'o'}"), "train.bin not found", "prepare")
+    # the rest in this process: the same main, the same one line, without a second start
+    assert_one_line_error(run_entry(train, ["--data_dir"], monkeypatch, capsys), "needs a value")
+    r = run_entry(train, [REPO / "config/pretrain_small.py", f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'o'}"],
+                  monkeypatch, capsys)
+    assert_one_line_error(r, "train.bin not found", "prepare")
+    assert not (tmp_path / "o").exists()
 
 
 def test_train_small_config_learns(token_data, tmp_path, monkeypatch):
@@ -264,7 +268,7 @@ def test_train_small_config_learns(token_data, tmp_path, monkeypatch):
     from ln(50257) ≈ 10.8 as the model learns their skewed unigram distribution)."""
     out = tmp_path / "small"
     run_train(monkeypatch, [REPO / "config/pretrain_small.py", f"--data_dir={token_data}", f"--out_dir={out}",
-                            "--max_iters=30", "--eval_interval=30", "--batch_size=4", "--progress=False",
+                            "--max_iters=15", "--eval_interval=15", "--batch_size=4", "--progress=False",
                             "--block_size=64", "--warmup_iters=5", "--log_interval=1"])
     losses = [r["loss"] for r in records(out)]
     assert losses[0] > 10.5 and losses[-1] < losses[0] - 0.3

@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 from conftest import REPO, assert_one_line_error, run_cli, tiny_train_args
+from test_hostile import run_entry
 
 from data.e2e.dataset import tokenize_example
 from finetune import E2EPairs
@@ -81,16 +82,21 @@ def test_sample_prints_and_appends(base_run, tmp_path):
     assert saved.count("Once upon a time") == 2  # appended, the first run's samples kept
 
 
-def test_sample_errors(base_run, tmp_path):
+def test_sample_errors(base_run, tmp_path, monkeypatch, capsys):
+    import sample
+
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     assert_one_line_error(run_cli("sample.py", "--prompts", empty, "--model", base_run), "is empty")
-    assert_one_line_error(run_cli("sample.py", "--prompts", tmp_path / "none.txt", "--model", base_run), "not found")
+    # the rest in this process: the same main, the same one line, without a second start
+    r = run_entry(sample, ["--prompts", tmp_path / "none.txt", "--model", base_run], monkeypatch, capsys)
+    assert_one_line_error(r, "not found")
     prompts = tmp_path / "p.txt"
     prompts.write_text("hello\n")
-    assert_one_line_error(run_cli("sample.py", "--prompts", prompts, "--model", base_run, "--max_new_tokens", 64),
-                          "leaves no room")
-    assert_one_line_error(run_cli("sample.py", "--prompts", prompts, "--model", tmp_path), "holds no model")
+    r = run_entry(sample, ["--prompts", prompts, "--model", base_run, "--max_new_tokens", 64], monkeypatch, capsys)
+    assert_one_line_error(r, "leaves no room")
+    assert_one_line_error(run_entry(sample, ["--prompts", prompts, "--model", tmp_path], monkeypatch, capsys),
+                          "holds no model")
 
 
 def test_long_prompt_is_cut_from_the_left(base_run, tmp_path):
@@ -144,21 +150,27 @@ def test_finetune_trains_adapter_only_and_resumes(base_run, e2e_data, tmp_path, 
     assert losses[0] == losses[1] and len(losses[0]) == 6
 
 
-def test_finetune_errors(base_run, e2e_data, tmp_path):
+def test_finetune_errors(base_run, e2e_data, tmp_path, monkeypatch, capsys):
+    import finetune
+
     assert_one_line_error(run_cli("finetune.py", *finetune_args(base_run, tmp_path, tmp_path / "o")),
                           "no prepared E2E data", "prepare.py")
-    assert_one_line_error(run_cli("finetune.py", *finetune_args(base_run, e2e_data, tmp_path / "o",
-                                                                lora_targets="('q', 'x')")), "unknown LoRA target")
-    assert_one_line_error(run_cli("finetune.py", *finetune_args(base_run, e2e_data, tmp_path / "o",
-                                                                max_seq_len=512)), "exceeds the base model's context")
+    r = run_entry(finetune, finetune_args(base_run, e2e_data, tmp_path / "o", lora_targets="('q', 'x')"),
+                  monkeypatch, capsys)
+    assert_one_line_error(r, "unknown LoRA target")
+    r = run_entry(finetune, finetune_args(base_run, e2e_data, tmp_path / "o", max_seq_len=512), monkeypatch, capsys)
+    assert_one_line_error(r, "exceeds the base model's context")
+    assert not (tmp_path / "o").exists()
 
 
 # ----------------------------------------------------------------------------- e2e_eval.py
 
 
-def test_e2e_eval_table(base_run, e2e_data, tmp_path):
+def test_e2e_eval_table(base_run, e2e_data, tmp_path, monkeypatch, capsys):
+    import finetune
+
     adapter_run = tmp_path / "lora"
-    r = run_cli("finetune.py", *finetune_args(base_run, e2e_data, adapter_run, max_iters=2))
+    r = run_entry(finetune, finetune_args(base_run, e2e_data, adapter_run, max_iters=2), monkeypatch, capsys)
     assert r.returncode == 0, r.stderr
     config = tmp_path / "cfg.py"
     # as if trained offline with --init_from=FOLDER: the run's recorded base wins over the config's
