@@ -373,8 +373,11 @@ def run_step(step: Step, steps: list[Step], cfg: StudyConfig, times: Times, stud
         if why and cfg.gpt2m == "on":
             raise UserError(f"step {step.name}: {why} (or --gpt2m=auto skips it when the weights cannot be had)")
         if why:
-            step.status, step.note = ("off" if cfg.gpt2m == "off" else "skipped"), why
-            print(f"step {step.name}: skipped ({why}); to run it: {shown(step)}", flush=True)
+            without = [a for a in shlex.split(study_cmd) if not a.startswith("--gpt2m=")]
+            how = shlex.join([*without, "--gpt2m=auto"]) if cfg.gpt2m == "off" else \
+                f"{shown(step)} (add --init_from=FOLDER for a local copy of the weights), then {study_cmd}"
+            step.status, step.note = ("off" if cfg.gpt2m == "off" else "skipped"), f"{why}; to run it: {how}"
+            print(f"step {step.name}: skipped: {step.note}", flush=True)
             return
     extra = []
     if step.kind in ("train", "lora"):
@@ -503,7 +506,7 @@ def describe(step: Step, summary: dict | None, samples) -> str:
     return f"{step.parsed.method} decoding of the E2E test MRs, {len(step.settings['configs'])} LoRA config(s), scored"
 
 
-def e2e_table(eval_step: Step, steps: list[Step], study_cmd: str) -> tuple[str, dict]:
+def e2e_table(eval_step: Step, steps: list[Step]) -> tuple[str, dict]:
     """The E2E table (each base before and after LoRA), with a row for every system not evaluated."""
     from e2e_metrics import FOOTNOTE, METRICS
 
@@ -511,21 +514,19 @@ def e2e_table(eval_step: Step, steps: list[Step], study_cmd: str) -> tuple[str, 
     record = json.loads(path.read_text()) if path else {"systems": {}}
     systems = dict(record["systems"])
     for s in steps:
-        if s.kind == "lora" and s.status in ("skipped", "off"):
-            why = f"{s.note}; to run it: {shown(s)}, then {study_cmd}"
-            systems["GPT-2 medium" if s.name == "lora_e2e_gpt2m" else s.name] = {"missing": why}
-            systems[("GPT-2 medium" if s.name == "lora_e2e_gpt2m" else s.name) + " + LoRA"] = {"missing": why}
+        if s.name == "lora_e2e_gpt2m" and s.status in ("skipped", "off"):
+            systems["GPT-2 medium"] = systems["GPT-2 medium + LoRA"] = {"missing": s.note}
     lines = []
     if path:
         settings = ", ".join(f"{k} {v}" for k, v in record["decoding"].items())
         of = f" (of {record['of_mrs']})" if record.get("of_mrs", record["mrs"]) != record["mrs"] else ""
         lines += [f"E2E test set, {record['mrs']} MRs{of}; decoding: {settings}", ""]
     lines += ["| system | " + " | ".join(METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
-    unofficial, missing = False, []
+    unofficial, missing = False, {}
     for name, sc in systems.items():
         if "missing" in sc:
             lines.append(f"| {name} | " + " | ".join("–" for _ in METRICS) + " |")
-            missing.append(f"- {name}: {sc['missing']}")
+            missing.setdefault(sc["missing"], []).append(name)  # a base and its LoRA row often share the reason
             continue
         marks = ["*" if m in sc.get("unofficial", ()) else "" for m in METRICS]
         unofficial |= any(marks)
@@ -533,7 +534,7 @@ def e2e_table(eval_step: Step, steps: list[Step], study_cmd: str) -> tuple[str, 
     if unofficial:
         lines += ["", FOOTNOTE]
     if missing:
-        lines += ["", "Not evaluated:", *missing]
+        lines += ["", "Not evaluated:", *(f"- {', '.join(names)}: {why}" for why, names in missing.items())]
     return "\n".join(lines), {**record, "systems": systems, "scores_file": str(path) if path else None}
 
 
@@ -573,7 +574,7 @@ def write_report(cfg: StudyConfig, steps: list[Step], times: Times, study_cmd: s
                                     x_label="tokens seen" if tokens else "training pairs seen",
                                     title="LoRA on E2E NLG (validation: the reference tokens of the dev set)"))
 
-    table, e2e = e2e_table(by_name["e2e_eval"], steps, study_cmd) if by_name["e2e_eval"].status == "done" else (
+    table, e2e = e2e_table(by_name["e2e_eval"], steps) if by_name["e2e_eval"].status == "done" else (
         "The E2E table is not there yet.", None)
     rows = []
     for s in steps:
