@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from common import UserError, _coerce, _field_types, check_settings
+from common import UserError, check_settings, coerce, field_types
 
 MODEL_FILE, ADAPTER_FILE = "model.safetensors", "adapter.safetensors"
 CKPT, CKPT_TMP, CKPT_OLD, CKPT_BAD = "checkpoint", "checkpoint.tmp", "checkpoint.old", "checkpoint.bad"
@@ -199,9 +199,9 @@ def resumed_settings(cfg, ckpt: Path):
     that `--init_from=resume` alone continues the run as it was started. The recorded values are
     checked like given ones (config.json is a file a user can edit)."""
     recorded = run_info(ckpt).get("train", {})
-    types = _field_types(type(cfg))
+    types = field_types(type(cfg))
     keep = set(types) - set(cfg.given) - {"init_from"}
-    values = {k: _coerce(k, v, types[k]) for k, v in recorded.items() if k in keep}
+    values = {k: coerce(k, v, types[k]) for k, v in recorded.items() if k in keep}
     resumed = dataclasses.replace(cfg, **values)
     resumed.given = cfg.given
     check_settings(resumed)

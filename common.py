@@ -15,6 +15,7 @@ stops with one line naming the key, the value and what is allowed.
 
 import ast
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -35,6 +36,9 @@ def run_main(main) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # output piped into `head`, say: nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
 
 
 DEVICE_HELP = "'auto' (cuda if present), 'cpu', 'cuda', 'cuda:1', ..."
@@ -62,7 +66,7 @@ def setting(default, help: str, *, choices=None, at_least=None, above=None, at_m
     return dataclasses.field(default=default, metadata={"help": help, "positional": positional, **checks})
 
 
-def _field_types(cls) -> dict[str, type]:
+def field_types(cls) -> dict[str, type]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
@@ -75,7 +79,7 @@ def _base_type(typ):
     return typing.get_origin(typ) or typ, False
 
 
-def _coerce(key: str, value, typ):
+def coerce(key: str, value, typ):
     """Check `value` against the field's type, allowing int for float and None for Optional."""
     base, optional = _base_type(typ)
     if value is None and optional:
@@ -184,14 +188,14 @@ def load_config(cls, argv: list[str], doc: str | None = None):
     """Build a `cls` config from config files (`*.py`), positional settings and `--key=value` /
     `--key value` overrides (a bare `--flag` sets a bool to True), then check it. `--help` prints
     `usage` and exits. The keys that were set are kept in the config's `given` attribute."""
-    types_ = _field_types(cls)
+    types_ = field_types(cls)
     positional = [f.name for f in dataclasses.fields(cls) if f.metadata.get("positional")]
     values: dict = {}
 
     def assign(key, value, origin):
         if key not in types_:
             raise UserError(f"unknown config key '{key}' ({origin}); known keys: {', '.join(sorted(types_))}")
-        values[key] = _coerce(key, value, types_[key])
+        values[key] = coerce(key, value, types_[key])
 
     args = list(argv)
     while args:

@@ -70,9 +70,9 @@ class LoRAConfig:
             self.lora_targets = (self.lora_targets,)
         unknown = [t for t in self.lora_targets if t not in TARGETS]
         if unknown:
-            raise UserError(f"unknown LoRA target {unknown[0]!r}; valid targets: {', '.join(TARGETS)}")
+            raise UserError(f"config key 'lora_targets' has {unknown[0]!r}; choose from {', '.join(TARGETS)}")
         if not self.lora_targets:
-            raise UserError(f"LoRA needs at least one target; valid targets: {', '.join(TARGETS)}")
+            raise UserError(f"config key 'lora_targets' is empty; choose one or more of {', '.join(TARGETS)}")
         self.lora_targets = tuple(t for t in TARGETS if t in self.lora_targets)  # canonical order, no duplicates
         if isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or self.lora_r < 1:
             raise UserError(f"config key 'lora_r' is {self.lora_r!r}; it must be a positive integer")

@@ -268,16 +268,17 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def score(self, idx, targets):
-        """(summed loss, correct next-token predictions, counted tokens) for evaluation."""
+        """(summed loss, correct next-token predictions, counted tokens) for evaluation, as tensors."""
         x = self.hidden_states(idx).flatten(0, 1)
         targets = targets.flatten()
-        loss, correct = x.new_zeros((), dtype=torch.float64), 0
+        loss = x.new_zeros((), dtype=torch.float64)
+        correct = torch.zeros((), dtype=torch.long, device=x.device)
         for s in range(0, x.size(0), LOSS_CHUNK):
             logits = self.lm_head(x[s:s + LOSS_CHUNK]).float()
             t = targets[s:s + LOSS_CHUNK]
             loss += F.cross_entropy(logits, t, ignore_index=IGNORE_INDEX, reduction="sum").double()
-            correct += ((logits.argmax(-1) == t) & (t != IGNORE_INDEX)).sum().item()
-        return loss.item(), correct, (targets != IGNORE_INDEX).sum().item()
+            correct += ((logits.argmax(-1) == t) & (t != IGNORE_INDEX)).sum()
+        return loss, correct, (targets != IGNORE_INDEX).sum()  # on the device: the caller reads them once
 
     # ------------------------------------------------------------------------- generation
 

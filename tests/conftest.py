@@ -75,3 +75,28 @@ def tiny_train_args(data: Path, out: Path, **overrides) -> list[str]:
                 "eval_interval": 3, "eval_iters": 2, "log_interval": 1, "warmup_iters": 2, "lr": 1e-3,
                 "progress": False, **TINY, **overrides}
     return [f"--{k}={v}" for k, v in settings.items()]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on one thread: on a busy 2-core machine two threads make them slower, not faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_entry(module, args, monkeypatch, capsys) -> subprocess.CompletedProcess:
+    """An entry point's main under common.run_main, in this process, as its command line runs it:
+    the exit status and what it printed."""
+    from common import run_main
+
+    monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *map(str, args)])
+    capsys.readouterr()
+    try:
+        run_main(module.main)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(module.__name__, code, out.out, out.err)

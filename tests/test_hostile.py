@@ -14,28 +14,22 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY, assert_one_line_error, run_cli, tiny_train_args
+from conftest import REPO, TINY, assert_one_line_error, run_cli, run_entry, shared_path, tiny_train_args
 from safetensors.torch import load_file
 
 import finetune
 import train
 from checkpoints import find_checkpoint, load_train_state
-from common import run_main
 from data.e2e.dataset import tokenize_example
 from model import GPT, GPTConfig
 from trainer import EpochSampler
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models: threads only cost, the more so on a busy machine
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def strict_json(line: str):
@@ -52,20 +46,6 @@ def records(out, split="train"):
 
 def losses(out, split="train"):
     return [(r["step"], r["loss"]) for r in records(out, split)]
-
-
-def run_entry(module, args, monkeypatch, capsys) -> subprocess.CompletedProcess:
-    """An entry point's main under common.run_main, in this process, as its command line runs it:
-    the exit status and what it printed."""
-    monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *map(str, args)])
-    capsys.readouterr()
-    try:
-        run_main(module.main)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(module.__name__, code, out.out, out.err)
 
 
 def snapshot(folder: Path) -> dict:
@@ -127,7 +107,8 @@ BAD_VALUES = [("batch_size", "-1", "'batch_size'", "at least 1"), ("batch_size",
               ("decay", "step", "'decay'", "choose from 'cosine', 'linear', 'constant'"),
               ("epochs", "0", "'epochs'", "above 0"), ("min_lr", "1.0", "'min_lr'", "at most lr")]
 FINETUNE_BAD = [("lora_r", "0", "'lora_r'", "positive"), ("lora_dropout", "1.5", "'lora_dropout'", "below 1"),
-                ("lora_alpha", "0", "'lora_alpha'", "above 0"), ("lora_targets", "q,x", "LoRA target", "q, k, v"),
+                ("lora_alpha", "0", "'lora_alpha'", "above 0"),
+                ("lora_targets", "q,x", "'lora_targets' has 'x'", "q, k, v"),
                 ("max_seq_len", "1", "'max_seq_len'", "at least 2"),
                 ("train_subset", "-3", "'train_subset'", "at least 0")]
 
@@ -557,3 +538,81 @@ def test_kill_9_during_checkpoint_writes_then_resume(tmp_path, monkeypatch):
     assert losses(killed) == losses(whole) and losses(killed, "val") == losses(whole, "val")
     assert (killed / "checkpoint" / "model.safetensors").read_bytes() == \
         (whole / "checkpoint" / "model.safetensors").read_bytes()
+
+
+# ----------------------------------------------------------------------------- sample.py, e2e_eval.py, data (items 7-9)
+
+
+@pytest.fixture(scope="module")
+def sample_run(tmp_path_factory):
+    """A finished tiny pretraining run to sample from."""
+    tmp = tmp_path_factory.mktemp("sample_run")
+    rng = np.random.default_rng(0)
+    data = tmp / "data"
+    data.mkdir()
+    for split, n in (("train", 20_000), ("val", 2_000)):
+        rng.integers(0, 50256, n).astype(np.uint16).tofile(data / f"{split}.bin")
+    out = tmp / "run"
+    result = run_cli("train.py", *tiny_train_args(data, out, max_iters=2, eval_interval=2))
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.mark.parametrize("args", [("--top_k", "0"), ("--top_p", "1.5"), ("--top_p", "0"), ("--num_samples", "0"),
+                                  ("--temperature", "-1"), ("--max_new_tokens", "-3")])
+def test_sample_refuses_bad_values_in_one_line(args, sample_run, tmp_path):
+    key = args[0].lstrip("-")
+    result = run_cli("sample.py", "--model", sample_run, "--out", tmp_path / "s.txt", *args)
+    assert_one_line_error(result, f"config key '{key}'")
+    assert not (tmp_path / "s.txt").exists()
+
+
+def test_sample_refuses_a_prompt_file_that_is_not_utf8(sample_run, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_bytes("caf\xe9\n".encode("latin-1"))
+    assert_one_line_error(run_cli("sample.py", "--model", sample_run, "--prompts", prompts), "not UTF-8", "iconv")
+
+
+@pytest.mark.parametrize("where", ["run", "checkpoint", "model.safetensors"])
+def test_sample_takes_every_model_path_and_writes_beside_the_run(where, sample_run, tmp_path):
+    path = {"run": sample_run, "checkpoint": sample_run / "checkpoint",
+            "model.safetensors": sample_run / "checkpoint" / "model.safetensors"}[where]
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Hello\nThe cat\n")
+    samples = sample_run / "samples.txt"
+    before = samples.read_text() if samples.exists() else ""
+    result = run_cli(REPO / "sample.py", "--model", path, "--prompts", prompts, "--max_new_tokens", "3", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    added = samples.read_text()[len(before):]
+    assert added.count("Hello") == 1 and added.count("The cat") == 1
+    assert not (tmp_path / "out").exists()  # never under the working directory's out/out/...
+
+
+def test_token_ids_beyond_the_vocabulary_fail_in_one_line(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "val"):
+        np.full(5_000, 60_000, dtype=np.uint16).tofile(data / f"{split}.bin")
+    result = run_cli("train.py", *tiny_train_args(data, tmp_path / "out"))
+    assert_one_line_error(result, "token id 60000", "vocabulary")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("script", ["data/text/prepare.py", "data/e2e/prepare.py"])
+def test_prepare_refuses_an_out_dir_that_is_a_file(script, tmp_path):
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    src = shared_path("data", "e2e", "e2e-dataset.zip") if "e2e" in script else REPO / "README.md"
+    assert_one_line_error(run_cli(script, "--src", src, "--out_dir", target), "is a file")
+    assert target.read_text() == "mine"
+
+
+def test_a_partial_or_other_decoding_table_never_takes_the_study_tables_name():
+    from e2e_eval import variant
+    from settings import EvalConfig
+
+    assert variant(EvalConfig(), 630, 630) == ""  # the study's table: scores.md
+    assert variant(EvalConfig(max_mrs=3), 3, 630) == "first3"
+    assert variant(EvalConfig(method="greedy"), 630, 630) == "method_greedy"
+    assert variant(EvalConfig(beam_rule="paper", beam_size=4), 630, 630) == "beam_size_4_beam_rule_paper"
+    assert variant(EvalConfig(batch_size=7), 630, 630) == ""  # batching does not change the outputs

@@ -230,7 +230,7 @@ def test_fingerprint_ignores_lora_merging_and_bf16_but_not_weights():
 
 
 def test_config_and_injection_errors():
-    with pytest.raises(UserError, match="unknown LoRA target 'o'; valid targets: q, k, v, attn_out, mlp_in, mlp_out"):
+    with pytest.raises(UserError, match="'lora_targets' has 'o'; choose from q, k, v, attn_out, mlp_in, mlp_out"):
         LoRAConfig(lora_targets=("q", "o"))
     with pytest.raises(UserError, match="config key 'lora_r' is 0"):
         LoRAConfig(lora_r=0)

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, assert_one_line_error, run_cli, tiny_train_args
-from test_hostile import run_entry
+from conftest import REPO, assert_one_line_error, run_cli, run_entry, tiny_train_args
 
 import train
 import trainer
@@ -17,14 +16,7 @@ from common import UserError, load_config
 from settings import PretrainConfig
 from trainer import EpochSampler, TrainConfig, lr_at
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: a second thread only costs, the more so on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def records(out, split="train"):

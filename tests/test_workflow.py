@@ -4,23 +4,14 @@ import json
 import sys
 
 import pytest
-import torch
-from conftest import REPO, assert_one_line_error, run_cli, tiny_train_args
-from test_hostile import run_entry
+from conftest import REPO, assert_one_line_error, run_cli, run_entry, tiny_train_args
 
 from data.e2e.dataset import tokenize_example
 from finetune import E2EPairs
 from loss import IGNORE_INDEX
 from tokenizer import EOT, encode
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: a second thread only costs, the more so on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 PAIRS = [
@@ -157,7 +148,7 @@ def test_finetune_errors(base_run, e2e_data, tmp_path, monkeypatch, capsys):
                           "no prepared E2E data", "prepare.py")
     r = run_entry(finetune, finetune_args(base_run, e2e_data, tmp_path / "o", lora_targets="('q', 'x')"),
                   monkeypatch, capsys)
-    assert_one_line_error(r, "unknown LoRA target")
+    assert_one_line_error(r, "config key 'lora_targets' has 'x'")
     r = run_entry(finetune, finetune_args(base_run, e2e_data, tmp_path / "o", max_seq_len=512), monkeypatch, capsys)
     assert_one_line_error(r, "exceeds the base model's context")
     assert not (tmp_path / "o").exists()
