@@ -84,7 +84,8 @@ class Step:
     config: Path  # the config file the study writes for it
     settings: dict  # what that file sets
     include: str = ""  # the config file it builds on
-    parsed: object = None  # the script's config, as it will run
+    parsed: object = None  # the script's config from its config file and overrides (before the study's paths)
+    hint: str = ""  # what the study's own settings offer when the step fails
     status: str = ""  # done, skipped, off (after the study ran it or looked at it)
     note: str = ""
     resumed_from: int | None = None
@@ -150,9 +151,11 @@ def plan(cfg: StudyConfig) -> list[Step]:
     else:
         src = os.path.abspath(cfg.wikitext_src) if cfg.wikitext_src else None
         steps.append(Step("data_wikitext", "data/wikitext103/prepare.py", "wikitext", cfgs / "data_wikitext.py",
-                          {"src": src, "out_dir": data}))
+                          {"src": src, "out_dir": data}, hint="offline, the study takes "
+                          "--wikitext_src=wikitext-103-raw-v1.zip (or its folder), or --corpus='FILES'"))
     steps.append(Step("data_e2e", "data/e2e/prepare.py", "e2e", cfgs / "data_e2e.py",
-                      {"src": os.path.abspath(cfg.e2e_src) if cfg.e2e_src else None, "out_dir": e2e}))
+                      {"src": os.path.abspath(cfg.e2e_src) if cfg.e2e_src else None, "out_dir": e2e},
+                      hint="offline, the study takes --e2e_src=e2e-dataset.zip (or its folder)"))
 
     def training(name, script, kind, base, overrides_field, cls, **placed):
         parsed, values = parse_overrides(name, overrides_field, cls, base, getattr(cfg, overrides_field))
@@ -408,8 +411,9 @@ def run_step(step: Step, steps: list[Step], cfg: StudyConfig, times: Times, stud
         raise SystemExit(130)
     if not done:
         why = error_line(tail, rc) if rc else f"it ended without finishing{where}"
+        hint = f"; {step.hint}" if step.hint else ""
         raise UserError(f"step {step.name} failed after {seconds:.0f} s: {why} -- rerun it alone: {shown(step, extra)} "
-                        f"(log: {display(log)}), or continue the study: {study_cmd}")
+                        f"(log: {display(log)}), or continue the study: {study_cmd}{hint}")
     step.status = "done"
     resumed = f" (resumed from step {step.resumed_from})" if step.resumed_from is not None else ""
     print(f"step {step.name}: done in {seconds:.0f} s{resumed}", flush=True)
