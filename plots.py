@@ -91,7 +91,8 @@ def plot_curves(curves: list[Curve], path, *, x_label: str, title: str) -> Path:
             if key == "accuracy":
                 ys = [(curve.x(r), r["accuracy"]) for r in train if r.get("accuracy") is not None]
             elif key == "perplexity":
-                ys = [(curve.x(r), math.exp(min(r["loss"], 700))) for r in train] if curve.train_perplexity else []
+                ys = [(curve.x(r), math.exp(min(r["loss"], 700))) for r in train
+                      if r.get("loss") is not None] if curve.train_perplexity else []
             else:
                 ys = [(curve.x(r), r["loss"]) for r in train if r.get("loss") is not None]
             if ys:

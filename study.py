@@ -25,7 +25,6 @@ import datetime
 import json
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -386,15 +385,9 @@ def run_step(step: Step, steps: list[Step], cfg: StudyConfig, times: Times, stud
     if step.kind in ("train", "lora"):
         run_dir = Path(step.settings["out_dir"])
         p = progress(run_dir)
-        if p is not None:
+        if p is not None:  # (an attempt that left no checkpoint: the trainer sets its logs aside)
             step.resumed_from, extra = p[0], ["--init_from=resume"]
             print(f"step {step.name}: resuming at step {p[0]} of {p[1]}", flush=True)
-        else:  # records of an attempt that never reached a checkpoint describe steps that are lost
-            for stale in (run_dir / "metrics.jsonl", run_dir / "tb"):
-                if stale.is_file():
-                    stale.unlink()
-                elif stale.is_dir():
-                    shutil.rmtree(stale)
     log = out / "logs" / f"{step.name}.log"
     print(f"step {step.name}: {shown(step, extra)}  (log: {display(log)})", flush=True)
     rc, interrupted, tail = run_process(command(step, extra), log, cfg.echo)
@@ -422,10 +415,6 @@ def run_step(step: Step, steps: list[Step], cfg: StudyConfig, times: Times, stud
 # ----------------------------------------------------------------------------- the report
 
 
-def world(info: dict) -> int:
-    return int(info.get("world", 1))  # processes; a run that did not record it ran in one
-
-
 def run_summary(step: Step) -> dict | None:
     """What a finished training run trained, on what, and how far it got."""
     from plots import read_metrics
@@ -438,7 +427,7 @@ def run_summary(step: Step) -> dict | None:
     records = read_metrics(Path(step.settings["out_dir"]) / "metrics.jsonl")
     val = [r for r in records if r["split"] == "val"]
     train_recs = [r for r in records if r["split"] == "train"]
-    batch = train["batch_size"] * train["grad_accum"] * world(info)
+    batch = info.get("global_batch") or train["batch_size"] * train["grad_accum"] * info.get("processes", 1)
     summary = {"run": step.settings["out_dir"], "steps": info["step"], "total_steps": info["total_steps"],
                "global_batch": batch, "epochs": train_recs[-1]["epoch"] if train_recs else None,
                "model": info["model"], "final_val": val[-1] if val else None}
