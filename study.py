@@ -33,43 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from checkpoints import ADAPTER_FILE, MODEL_FILE, find_checkpoint, run_info
-from common import UserError, load_config, run_main, setting
-from settings import EvalConfig, FinetuneConfig, PretrainConfig, SampleConfig
+from common import UserError, load_config, run_main
+from settings import EvalConfig, FinetuneConfig, PretrainConfig, SampleConfig, StudyConfig
 
 REPO = Path(__file__).resolve().parent
-
-
-@dataclass
-class StudyConfig:
-    out_dir: str = setting("out/study", "the study's folder: its runs, configs/, logs/, study.md, study.json, the PNGs")
-    corpus: str = setting("", "pretrain on local text (files, folders or globs, comma-separated; "
-                          "data/text/prepare.py); '' for WikiText-103")
-    wikitext_src: str = setting("", "WikiText-103 from a local copy (the release zip or its folder); '' downloads it")
-    pretrain_data: str = setting("", "folder of the prepared pretraining tokens; '' is data/wikitext103, or "
-                                 "OUT_DIR/data/corpus with a corpus")
-    e2e_src: str = setting("", "the E2E release zip or its folder; '' downloads it")
-    e2e_data: str = setting("data/e2e/prepared", "folder of the prepared E2E data")
-    pretrain_config: str = setting("config/pretrain.py", "run 1, from scratch")
-    pretrain_overrides: tuple[str, ...] = setting((), "'--key=value' settings of run 1, after its config file")
-    continue_config: str = setting("config/pretrain_continue.py", "run 2, which starts from run 1's weights")
-    continue_overrides: tuple[str, ...] = setting((), "'--key=value' settings of run 2")
-    prompts: str = setting("prompts.txt", "the prompts run 2 continues, one a line")
-    sample_overrides: tuple[str, ...] = setting((), "'--key=value' settings of sample.py")
-    lora_config: str = setting("config/lora_e2e.py", "LoRA on our model (run 2)")
-    lora_overrides: tuple[str, ...] = setting((), "'--key=value' settings of that LoRA run")
-    gpt2m_config: str = setting("config/lora_e2e_gpt2m.py", "LoRA on OpenAI's GPT-2 medium")
-    gpt2m_overrides: tuple[str, ...] = setting((), "'--key=value' settings of that LoRA run (--init_from=FOLDER: "
-                                               "local weights)")
-    gpt2m: str = setting("auto", "the GPT-2 medium run: 'auto' (skipped, with the reason, when its weights cannot be "
-                         "had), 'on' (they must be), 'off'", choices=("auto", "on", "off"))
-    eval_overrides: tuple[str, ...] = setting((), "'--key=value' settings of e2e_eval.py (--max_mrs, --device, ...)")
-    echo: bool = setting(True, "show each step's output as it runs (it always goes to OUT_DIR/logs/STEP.log)")
-
-    def check(self):
-        if self.corpus and self.wikitext_src:
-            raise UserError("give corpus (local text) or wikitext_src (WikiText-103 from a local copy), not both")
-        if self.gpt2m != "off" and not self.gpt2m_config:
-            raise UserError("gpt2m_config is empty: name the GPT-2 medium LoRA config, or set --gpt2m=off")
 
 
 # ----------------------------------------------------------------------------- the steps

@@ -68,19 +68,20 @@ def load_data(cfg: PretrainConfig, model_cfg: GPTConfig) -> tuple[TokenBlocks, T
 
 def build_model(cfg: PretrainConfig, resume_from: Path | None) -> GPT:
     options = asdict(pick(ModelOptions, cfg))
-    if resume_from is not None:
-        model = GPT.from_file(resume_from / MODEL_FILE, **options)
-        # the run's architecture is its own: a setting that says otherwise is refused, not ignored
-        recorded = model.config.architecture()
-        changed = [k for k in recorded if k in cfg.given and getattr(cfg, k) != recorded[k]]
-        if changed:
-            k = changed[0]
-            raise UserError(f"--init_from=resume: the run in {cfg.out_dir} has {k}={recorded[k]}, not "
-                            f"{getattr(cfg, k)}; drop the setting or start a new run in another --out_dir")
-        return model
-    if cfg.init_from == "scratch":
+    if cfg.init_from == "scratch" and resume_from is None:
         return GPT(pick(GPTConfig, cfg))
-    return load_base(cfg.init_from, **options)
+    if resume_from is not None:
+        model, source = GPT.from_file(resume_from / MODEL_FILE, **options), f"the run in {cfg.out_dir}"
+    else:
+        model, source = load_base(cfg.init_from, **options), f"init_from={cfg.init_from}"
+    # the weights decide the architecture: a setting that says otherwise is refused, not ignored
+    have = model.config.architecture()
+    changed = [k for k in have if k in cfg.given and getattr(cfg, k) != have[k]]
+    if changed:
+        k = changed[0]
+        raise UserError(f"{source} has {k}={have[k]}, not {getattr(cfg, k)}: drop the setting, or start "
+                        f"from scratch in another --out_dir")
+    return model
 
 
 def main():

@@ -430,7 +430,7 @@ def fit(cfg: TrainConfig, rt: Runtime, model, train_set, val_set, export: Callab
     total = cfg.max_iters or max(1, math.ceil(cfg.epochs * sampler.steps_per_epoch))
     eval_every = cfg.eval_interval or sampler.steps_per_epoch
     ckpt_every = cfg.ckpt_interval or eval_every
-    step, last_eval, log_sums, log_steps = 0, {}, [0.0, 0.0, 0.0], 0
+    step, last_eval, log_sums, log_steps, tokens_seen = 0, {}, [0.0, 0.0, 0.0], 0, 0
     if resume_from is not None:
         state = load_train_state(resume_from)
         try:
@@ -442,6 +442,7 @@ def fit(cfg: TrainConfig, rt: Runtime, model, train_set, val_set, export: Callab
         sampler.load_state_dict(state["sampler"])
         step, last_eval = state["step"], state.get("last_eval", {})
         log_sums, log_steps = state.get("log", (log_sums, log_steps))
+        tokens_seen = state.get("tokens_seen", 0)
         if step >= total:
             if step > total:
                 raise UserError(f"the run in {cfg.out_dir} is at step {step}, past the {total} steps asked for: "
@@ -487,7 +488,7 @@ def fit(cfg: TrainConfig, rt: Runtime, model, train_set, val_set, export: Callab
         if rt.master:
             state = {"step": step, "optimizer": optimizer.state_dict(), "scaler": rt.scaler.state_dict(),
                      "sampler": sampler.state_dict(), "last_eval": last_eval, "log": (sums.tolist(), log_steps),
-                     "global_batch": global_batch}
+                     "global_batch": global_batch, "tokens_seen": tokens_seen}
             save_checkpoint(cfg.out_dir, export, state, {**run_info, "step": step})
         if rt.ddp:
             dist.barrier()
@@ -513,6 +514,7 @@ def fit(cfg: TrainConfig, rt: Runtime, model, train_set, val_set, export: Callab
                     x, y = x.pin_memory(), y.pin_memory()
                 x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
                 tokens_since += x.numel() * rt.world
+                tokens_seen += x.numel() * rt.world  # padding included: what the model read
                 # DDP averages gradients across processes only on the last micro-batch
                 sync = not rt.ddp or micro == cfg.grad_accum - 1
                 with (contextlib.nullcontext() if sync else model.no_sync()), rt.autocast():
@@ -561,7 +563,7 @@ def fit(cfg: TrainConfig, rt: Runtime, model, train_set, val_set, export: Callab
                 mfu = tok_s * flops_per_token(raw, x.size(1)) / peak if peak else None
                 log.record(step, "train", {"loss": mean_loss, "lr": lr, "grad_norm": norm_total / norms if norms
                                            else None, "tokens_per_s": tok_s, "mfu": mfu,
-                                           "epoch": step / sampler.steps_per_epoch})
+                                           "epoch": step / sampler.steps_per_epoch, "tokens_seen": tokens_seen})
                 log.advance(loss=f"{mean_loss:.3f}", tok_s=f"{tok_s:.0f}")
                 sums.zero_()
                 log_steps, t_last, tokens_since = 0, time.perf_counter(), 0
@@ -571,7 +573,7 @@ def fit(cfg: TrainConfig, rt: Runtime, model, train_set, val_set, export: Callab
                 last_eval = evaluate(raw, val_set, cfg, rt)
                 if not math.isfinite(last_eval["loss"]):
                     stop_not_finite(f"the validation loss is {last_eval['loss']:g} at step {step}")
-                log.record(step, "val", last_eval)
+                log.record(step, "val", {**last_eval, "tokens_seen": tokens_seen})
                 log.write(f"step {step}: val loss {last_eval['loss']:.4f}, perplexity {last_eval['perplexity']:.2f}, "
                           f"accuracy {last_eval['accuracy']:.4f}")
             if ckpt_now or signum:

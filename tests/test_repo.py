@@ -6,7 +6,7 @@ import pytest
 from conftest import REPO
 
 from common import load_config
-from settings import FinetuneConfig, PretrainConfig
+from settings import FinetuneConfig, PretrainConfig, StudyConfig
 
 
 def readme_commands() -> tuple[str, str]:
@@ -25,6 +25,6 @@ def test_ci_runs_the_readme_commands():
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "config").glob("*.py")))
 def test_every_config_loads(config):
-    cls = FinetuneConfig if config.startswith("lora") else PretrainConfig
+    cls = FinetuneConfig if config.startswith("lora") else StudyConfig if config.startswith("study") else PretrainConfig
     cfg = load_config(cls, [str(REPO / "config" / config)])
     assert cfg.out_dir.startswith("out/")

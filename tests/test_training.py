@@ -155,10 +155,13 @@ def test_existing_run_is_not_overwritten(token_data, tmp_path, monkeypatch):
 def test_continue_from_another_runs_weights(token_data, tmp_path, monkeypatch):
     first, second = tmp_path / "first", tmp_path / "second"
     run_train(monkeypatch, tiny_train_args(token_data, first, max_iters=3))
-    run_train(monkeypatch, tiny_train_args(token_data, second, max_iters=2, init_from=first,
-                                           n_layer=7))  # the architecture comes from the weights
+    # the architecture comes from the weights: a setting that says otherwise is refused, not ignored
+    with pytest.raises(UserError, match="has n_layer=2, not 7"):
+        run_train(monkeypatch, tiny_train_args(token_data, second, max_iters=2, init_from=first, n_layer=7))
+    assert not second.exists()
+    run_train(monkeypatch, tiny_train_args(token_data, second, max_iters=2, init_from=first))
     info = json.loads((second / "checkpoint" / "config.json").read_text())
-    assert info["model"]["n_layer"] == 2
+    assert info["model"]["n_layer"] == 2 and info["init_from"] == str(first)
 
 
 def test_checkpoint_swap_survives_a_crash(tmp_path, tiny_model, capsys):
