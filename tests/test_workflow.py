@@ -141,6 +141,26 @@ def test_finetune_trains_adapter_only_and_resumes(base_run, e2e_data, tmp_path, 
     assert losses[0] == losses[1] and len(losses[0]) == 6
 
 
+def test_a_resumed_lora_run_trains_and_reports_its_own_settings(base_run, e2e_data, tmp_path, monkeypatch, capsys):
+    """--init_from=resume alone continues the run as it was started; a LoRA setting that says otherwise
+    is refused in one line instead of being printed, recorded and not trained."""
+    import finetune
+
+    out = tmp_path / "o"
+    r = run_entry(finetune, finetune_args(base_run, e2e_data, out, max_iters=2, lora_r=2, lora_targets="q,k"),
+                  monkeypatch, capsys)
+    assert r.returncode == 0, r.stderr
+    r = run_entry(finetune, finetune_args(base_run, e2e_data, out, max_iters=4, init_from="resume", lora_r=8),
+                  monkeypatch, capsys)
+    assert_one_line_error(r, "trains lora_r=2, not 8")
+    r = run_entry(finetune, [f"--out_dir={out}", "--init_from=resume", "--max_iters=4"], monkeypatch, capsys)
+    assert r.returncode == 0, r.stderr
+    assert "LoRA r=2 alpha=32 on q, k" in r.stdout
+    info = json.loads((out / "checkpoint" / "config.json").read_text())
+    assert info["step"] == 4 and info["lora"]["lora_r"] == 2 and info["train"]["lora_r"] == 2
+    assert info["train"]["data_dir"] == str(e2e_data) and info["train"]["batch_size"] == 4  # the run's own
+
+
 def test_finetune_errors(base_run, e2e_data, tmp_path, monkeypatch, capsys):
     import finetune
 
