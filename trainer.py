@@ -313,16 +313,21 @@ class RunLog:
             self.tb.close()
 
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A10G": 125e12,
-                   "L4": 121e12, "4090": 165e12, "3090": 71e12}
+# Dense bf16 peaks by GPU name, the first name that the device's contains (so "H100 PCIe" before "H100").
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "H800": 989e12, "A100": 312e12,
+                   "L40S": 362e12, "A10G": 125e12, "L4": 121e12, "4090": 165e12, "3090": 71e12}
+
+
+def peak_flops_of(name: str) -> float | None:
+    """The dense bf16 peak FLOP/s of a GPU by its name, if known."""
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
 def peak_flops(cfg: TrainConfig, device: torch.device) -> float | None:
     if cfg.peak_flops:
         return cfg.peak_flops
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+        return peak_flops_of(torch.cuda.get_device_name(device))
     return None
 
 

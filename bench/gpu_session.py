@@ -148,13 +148,12 @@ def _sync(device):
 
 
 def _peak_flops(device):
-    """Dense bf16 peak of the GPU (FLOP/s), by name (bench/kernels.py's table); None elsewhere."""
+    """Dense bf16 peak of the GPU (FLOP/s), by name (trainer.PEAK_BF16_FLOPS); None elsewhere."""
     import torch
 
-    if device != "cuda":
-        return None
-    name = torch.cuda.get_device_name()
-    return next((1e12 * v for k, v in _bench_module().PEAK_TFLOPS.items() if k in name), None)
+    from trainer import peak_flops_of
+
+    return peak_flops_of(torch.cuda.get_device_name()) if device == "cuda" else None
 
 
 def _error(e: Exception) -> str:

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import load_config, run_main, setting
+from trainer import peak_flops_of
 
 # Dense bf16 tensor-core peaks (TFLOP/s) for MFU, matched against the device name.
-PEAK_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0, "L40S": 362.0, "4090": 165.2}
 
 ATTENTION_SHAPES = [(32, 12, 256, 64), (16, 12, 512, 64), (8, 12, 1024, 64), (16, 12, 1024, 64), (8, 12, 2048, 64),
                     (16, 16, 512, 64), (8, 16, 1024, 64)]  # (B, H, T, D): GPT-2 small, then medium heads
@@ -319,7 +319,7 @@ def main():
     import triton
 
     name = torch.cuda.get_device_name()
-    peak = cfg.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    peak = cfg.peak_tflops or (peak_flops_of(name) or 0) / 1e12 or None
     header = (f"## Triton kernel benchmarks\n\n{name}, torch {torch.__version__}, triton {triton.__version__}, bf16; "
               f"median ms (CUDA events); ratios > 1 mean the Triton kernel is faster; MFU peak "
               f"{fmt(peak)} TFLOP/s.\n")
