@@ -100,3 +100,21 @@ def run_entry(module, args, monkeypatch, capsys) -> subprocess.CompletedProcess:
         code = e.code
     out = capsys.readouterr()
     return subprocess.CompletedProcess(module.__name__, code, out.out, out.err)
+
+
+def write_prepared_e2e(root: Path, pairs, copies: int) -> Path:
+    """A prepared E2E folder (data/e2e/prepare.py's format) of `pairs` (mr, ref), `copies` times each for
+    train and dev, and one test MR per pair."""
+    import json
+
+    from data.e2e.dataset import tokenize_example
+
+    lines = []
+    for mr, ref in pairs * copies:
+        prompt, target = tokenize_example(mr, ref)
+        lines.append(json.dumps({"mr": mr, "ref": ref, "prompt": prompt, "target": target}))
+    for split in ("train", "dev"):
+        (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    test = [json.dumps({"mr": mr, "refs": [ref], "prompt": tokenize_example(mr, ref)[0]}) for mr, ref in pairs]
+    (root / "test.jsonl").write_text("\n".join(test) + "\n")
+    return root

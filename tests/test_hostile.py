@@ -17,13 +17,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY, assert_one_line_error, run_cli, run_entry, shared_path, tiny_train_args
+from conftest import (
+    REPO,
+    TINY,
+    assert_one_line_error,
+    run_cli,
+    run_entry,
+    shared_path,
+    tiny_train_args,
+    write_prepared_e2e,
+)
 from safetensors.torch import load_file
 
 import finetune
 import train
 from checkpoints import find_checkpoint, load_train_state
-from data.e2e.dataset import tokenize_example
 from model import GPT, GPTConfig
 from trainer import EpochSampler
 
@@ -80,13 +88,7 @@ def lora_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora")
     torch.manual_seed(0)
     GPT(GPTConfig(**{**TINY, "block_size": 64})).save(root / "base.safetensors")
-    lines = []
-    for mr, ref in PAIRS * 8:
-        prompt, target = tokenize_example(mr, ref)
-        lines.append(json.dumps({"mr": mr, "ref": ref, "prompt": prompt, "target": target}))
-    for split in ("train", "dev"):
-        (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
-    return root
+    return write_prepared_e2e(root, PAIRS, 8)
 
 
 def finetune_args(setup, out, **overrides):

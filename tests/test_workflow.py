@@ -4,7 +4,7 @@ import json
 import sys
 
 import pytest
-from conftest import REPO, assert_one_line_error, run_cli, run_entry, tiny_train_args
+from conftest import REPO, assert_one_line_error, run_cli, run_entry, tiny_train_args, write_prepared_e2e
 
 from data.e2e.dataset import tokenize_example
 from finetune import E2EPairs
@@ -40,16 +40,7 @@ def base_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def e2e_data(tmp_path_factory):
     """A prepared E2E folder with a handful of pairs, in data/e2e/prepare.py's format."""
-    root = tmp_path_factory.mktemp("e2e")
-    lines = []
-    for mr, ref in PAIRS * 10:
-        prompt, target = tokenize_example(mr, ref)
-        lines.append(json.dumps({"mr": mr, "ref": ref, "prompt": prompt, "target": target}))
-    for split in ("train", "dev"):
-        (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
-    test = [json.dumps({"mr": mr, "refs": [ref], "prompt": tokenize_example(mr, ref)[0]}) for mr, ref in PAIRS]
-    (root / "test.jsonl").write_text("\n".join(test) + "\n")
-    return root
+    return write_prepared_e2e(tmp_path_factory.mktemp("e2e"), PAIRS, 10)
 
 
 def finetune_args(base, data, out, **overrides):
