@@ -173,7 +173,7 @@ def usage(cls, doc: str | None = None) -> str:
     lines = [doc.strip(), ""] if doc else []
     fields = dataclasses.fields(cls)
     pos = [f.name.upper() for f in fields if f.metadata.get("positional")]
-    script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "script.py"
+    script = os.path.relpath(sys.argv[0]) if sys.argv and sys.argv[0] else "script.py"
     lines.append(f"usage: python {script} {' '.join(pos) + ' ' if pos else ''}[CONFIG.py ...] [--key=value ...]")
     lines.append("settings (default; what it does):")
     for f in fields:

@@ -9,10 +9,50 @@ from dataclasses import dataclass
 
 from common import DEVICE_HELP, UserError, setting
 from data.e2e.dataset import DEFAULT_OUT as E2E_DATA
+from data.wikitext103.dataset import DEFAULT_OUT as WIKITEXT_DATA
 from decoding import BEAM_RULES, METHODS
 from lora import LoRAConfig
 from model import GPTConfig, ModelOptions
 from trainer import TrainConfig
+
+
+@dataclass
+class ReleaseSource:
+    """Where a data set's release comes from: a local copy, a URL of the user's own, or the mirrors."""
+
+    src: str | None = setting(None, "the release zip or its unpacked folder (default: download)")
+    url: str | None = setting(None, "download the zip from this URL only (a mirror of your own)")
+
+    def check(self):
+        if self.src and self.url:
+            raise UserError("give --src (a local copy) or --url (a mirror), not both")
+
+
+@dataclass
+class WikiTextConfig(ReleaseSource):
+    out_dir: str = setting(str(WIKITEXT_DATA), "output folder for the .bin files and meta.json (and the zip)")
+
+
+@dataclass
+class E2EDataConfig(ReleaseSource):
+    out_dir: str = setting(str(E2E_DATA), "output folder for the .jsonl files and meta.json (and the zip)")
+
+
+@dataclass
+class TextConfig:
+    src: tuple[str, ...] = setting((), "files, folders (their *.txt) or globs; several: comma-separated")
+    url: tuple[str, ...] = setting((), "text files to download first (into OUT_DIR/sources/); comma-separated")
+    out_dir: str = setting("", "output folder for train.bin, val.bin and meta.json (required)")
+    val_fraction: float = setting(0.01, "share of the text, in whole documents, for validation", above=0, below=1)
+    seed: int = setting(0, "seed of the random choice of validation documents")
+    doc_sep: str = setting("blank", "documents are separated by blank lines, or each file is one",
+                           choices=("blank", "file"))
+
+    def check(self):
+        if not self.src and not self.url:
+            raise UserError("give the text with --src FILES (or --url URL)")
+        if not self.out_dir:
+            raise UserError("give --out_dir: the folder for train.bin, val.bin and meta.json")
 
 
 @dataclass

@@ -10,30 +10,19 @@ gets train.jsonl and dev.jsonl (one pair a line: mr, ref, prompt ids, target ids
 """
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 # Run as a script, Python puts data/e2e/ (not the repo root) on sys.path; the library lives at the root.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from common import UserError, load_config, run_main, setting
-from data.e2e.dataset import DEFAULT_OUT, prepare
+from common import load_config, run_main
+from data.e2e.dataset import prepare
 from data.e2e.release import SPLIT_FILES, fetch_release
-
-
-@dataclass
-class E2EConfig:
-    src: str | None = setting(None, "the release zip or its unpacked folder (default: download)")
-    url: str | None = setting(None, "download the zip from this URL only (a mirror of your own)")
-    out_dir: str = setting(str(DEFAULT_OUT), "output folder for the .jsonl files and meta.json (and the zip)")
-
-    def check(self):
-        if self.src and self.url:
-            raise UserError("give --src (a local copy) or --url (a mirror), not both")
+from settings import E2EDataConfig
 
 
 def main(argv=None) -> None:
-    cfg = load_config(E2EConfig, sys.argv[1:] if argv is None else argv, doc=__doc__)
+    cfg = load_config(E2EDataConfig, sys.argv[1:] if argv is None else argv, doc=__doc__)
     out_dir = Path(cfg.out_dir)
     meta = prepare(Path(cfg.src) if cfg.src else fetch_release(out_dir, cfg.url), out_dir)
     for split in SPLIT_FILES:

@@ -10,31 +10,14 @@ GPT-2 token ids with the end-of-text token after every document.
 """
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 # Run as a script, Python puts data/text/ (not the repo root) on sys.path; the library lives at the root.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from common import UserError, load_config, run_main, setting
+from common import load_config, run_main
 from data.text.dataset import fetch_sources, prepare
-
-
-@dataclass
-class TextConfig:
-    src: tuple[str, ...] = setting((), "files, folders (their *.txt) or globs; several: comma-separated")
-    url: tuple[str, ...] = setting((), "text files to download first (into OUT_DIR/sources/); comma-separated")
-    out_dir: str = setting("", "output folder for train.bin, val.bin and meta.json (required)")
-    val_fraction: float = setting(0.01, "share of the text, in whole documents, for validation", above=0, below=1)
-    seed: int = setting(0, "seed of the random choice of validation documents")
-    doc_sep: str = setting("blank", "documents are separated by blank lines, or each file is one",
-                           choices=("blank", "file"))
-
-    def check(self):
-        if not self.src and not self.url:
-            raise UserError("give the text with --src FILES (or --url URL)")
-        if not self.out_dir:
-            raise UserError("give --out_dir: the folder for train.bin, val.bin and meta.json")
+from settings import TextConfig
 
 
 def main():

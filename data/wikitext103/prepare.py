@@ -10,25 +10,14 @@ articles (the lines ` = Title = `) are the documents, each followed by the end-o
 """
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 # Run as a script, Python puts data/wikitext103/ (not the repo root) on sys.path; the library lives at the root.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from common import UserError, load_config, run_main, setting
-from data.wikitext103.dataset import DEFAULT_OUT, prepare
-
-
-@dataclass
-class WikiTextConfig:
-    src: str | None = setting(None, "wikitext-103-raw-v1.zip or its unpacked folder (default: download)")
-    url: str | None = setting(None, "download the zip from this URL only (a mirror of your own)")
-    out_dir: str = setting(str(DEFAULT_OUT), "output folder for the .bin files and meta.json (and the zip)")
-
-    def check(self):
-        if self.src and self.url:
-            raise UserError("give --src (a local copy) or --url (a mirror), not both")
+from common import load_config, run_main
+from data.wikitext103.dataset import prepare
+from settings import WikiTextConfig
 
 
 def main():
