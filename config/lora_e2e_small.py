@@ -1,5 +1,5 @@
 # A CPU-sized LoRA run on top of config/pretrain_small.py's model: one epoch over the E2E
-# training set on 2 cores. Part of the offline proof (config/study_small.py, README).
+# training set in about 12 minutes on 2 cores (config/study_small.py runs two). Part of the offline proof (config/study_small.py, README).
 #
 # It departs from the LoRA paper's recipe where a 10-minute base needs it: that base's token
 # embeddings saw 1.2M tokens, and with them frozen an adapter on q and v alone barely learns. So
@@ -15,6 +15,7 @@ lora_targets = ("q", "k", "v", "attn_out", "mlp_in", "mlp_out", "wte")
 epochs = 1
 warmup_iters = 100
 lr = 2e-3
+eval_interval = 500  # steps: a validation curve, not a point per epoch
 eval_iters = 25  # 200 dev pairs per evaluation
 max_seq_len = 256  # the small model's context; E2E pairs are at most 127 tokens
 device = "cpu"

@@ -17,7 +17,7 @@ continue_overrides = ("--max_iters=100",)  # knob: run 2's steps (a fresh optimi
 sample_overrides = ("--max_new_tokens=40", "--device=cpu")
 
 lora_config = "config/lora_e2e_small.py"
-lora_overrides = ("--epochs=1.0",)  # knob: passes over the 42,061 training pairs
+lora_overrides = ("--epochs=2.0",)  # knob: passes over the 42,061 training pairs
 gpt2m = "off"  # no weights offline; a machine with them: --gpt2m=auto
 gpt2m_overrides = ("--device=cpu", "--dtype=float32")
 
