@@ -419,7 +419,8 @@ def test_cache_insert_and_make_room_keep_every_rows_positions():
     with pytest.raises(RuntimeError, match="full"):  # row 3 starts at column 0: nothing to give back
         cache.append(4)
     cache.reorder(torch.tensor([2, 0, 1]))
-    cache.make_room(4)  # the columns before the first token of every row go
-    assert (cache.len, cache.lo) == (5, 0)
+    cache.append(4)  # the columns before the first token of every row go, then 4 new ones are taken
+    assert (cache.filled, cache.start) == (5 + 4, 0)
+    cache.filled -= 4  # back to the rows' own tokens, to compare them
     for row, want in enumerate([before[2], before[0], before[1]]):
         assert all(torch.equal(g, w) for g, w in zip(real(cache, row)[:2], want[:2])) and real(cache, row)[2] == want[2]

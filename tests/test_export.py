@@ -297,26 +297,31 @@ def test_peft_adapter_refuses_another_base(base, tmp_path):
 # ----------------------------------------------------------------------------- the command line
 
 
-def fake_run(folder, weights: dict, run_info: dict):
+def fake_run(folder, weights: dict, run_info: dict, model):
     """A run folder as trainer.py leaves it: checkpoint/ with weights, train_state.pt, config.json."""
+    from dataclasses import asdict
+
     ckpt = folder / "checkpoint"
     ckpt.mkdir(parents=True)
     for name, save in weights.items():
         save(ckpt / name)
-    torch.save({"step": 1}, ckpt / "train_state.pt")
-    (ckpt / "config.json").write_text(json.dumps(run_info))
+    torch.save({"step": 1, "optimizer": {}, "sampler": {}}, ckpt / "train_state.pt")
+    info = {"step": 1, "train": {}, "model": asdict(model.config), **run_info}
+    if getattr(model, "lora_config", None) is not None:
+        info["lora"] = asdict(model.lora_config)
+    (ckpt / "config.json").write_text(json.dumps(info))
     return folder
 
 
 def test_cli_exports_runs(tmp_path):
     model = tiny_gpt(seed=7)
-    run = fake_run(tmp_path / "pretrain", {"model.safetensors": model.save}, {})
+    run = fake_run(tmp_path / "pretrain", {"model.safetensors": model.save}, {}, model)
     adapted = with_lora(model, ("q", "v", "mlp_in"))
     lora_run = fake_run(tmp_path / "lora", {"adapter.safetensors": lambda p: lora.save_adapter(adapted, p)},
-                        {"base": str(run)})
+                        {"base": str(run)}, adapted)
     wte = with_lora(model, ("v", "wte"), r=2)
     wte_run = fake_run(tmp_path / "wte", {"adapter.safetensors": lambda p: lora.save_adapter(wte, p)},
-                       {"base": str(run)})
+                       {"base": str(run)}, wte)
     x = tokens()
 
     done = run_cli("export.py", run, "--out", tmp_path / "hf")
