@@ -1,5 +1,6 @@
 # A CPU-sized LoRA run on top of config/pretrain_small.py's model: one epoch over the E2E
-# training set in about 12 minutes on 2 cores (config/study_small.py runs two). Part of the offline proof (config/study_small.py, README).
+# training set in about 12 minutes on 2 cores. Part of the offline proof, config/study_small.py
+# (README), which runs two epochs.
 #
 # It departs from the LoRA paper's recipe where a 10-minute base needs it: that base's token
 # embeddings saw 1.2M tokens, and with them frozen an adapter on q and v alone barely learns. So
