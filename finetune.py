@@ -25,7 +25,7 @@ from model import ModelOptions
 from models import load_base, resolve
 from settings import FinetuneConfig
 from tokenizer import EOT
-from trainer import check_resume, fit, setup_runtime, teardown, world_size
+from trainer import check_resume, fit, once_per_run, setup_runtime, teardown, world_size
 
 
 class E2EPairs:
@@ -55,8 +55,9 @@ class E2EPairs:
         return x, y
 
 
-def load_data(cfg: FinetuneConfig) -> tuple[E2EPairs, E2EPairs]:
-    data_dir = ensure_prepared(Path(cfg.data_dir))
+def load_data(cfg: FinetuneConfig, rt) -> tuple[E2EPairs, E2EPairs]:
+    data_dir = Path(cfg.data_dir)
+    once_per_run(rt, lambda: ensure_prepared(data_dir))
     train = load_prepared(data_dir, "train")
     if cfg.train_subset:
         g = torch.Generator().manual_seed(cfg.seed)
@@ -100,7 +101,7 @@ def main():
         else:
             inject_lora(model, lora)
         model.to(rt.device).train()
-        train_set, val_set = load_data(cfg)
+        train_set, val_set = load_data(cfg, rt)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if rt.master:
             print(f"base {base}: {model.num_params() / 1e6:.1f}M parameters, LoRA r={lora.lora_r} alpha="

@@ -20,7 +20,7 @@ from common import UserError, load_config, pick, run_main
 from model import GPT, GPTConfig, ModelOptions
 from models import load_base
 from settings import PretrainConfig
-from trainer import check_resume, fit, setup_runtime, teardown, world_size
+from trainer import check_resume, fit, once_per_run, setup_runtime, teardown, world_size
 
 
 class TokenBlocks:
@@ -49,11 +49,11 @@ class TokenBlocks:
                             f"prepare it with this project's GPT-2 tokenizer (data/text/prepare.py)")
 
 
-def load_data(cfg: PretrainConfig, model_cfg: GPTConfig) -> tuple[TokenBlocks, TokenBlocks]:
+def load_data(cfg: PretrainConfig, model_cfg: GPTConfig, rt) -> tuple[TokenBlocks, TokenBlocks]:
     from data.wikitext103.dataset import ensure_prepared
 
     data_dir = Path(cfg.data_dir)
-    ensure_prepared(data_dir)
+    once_per_run(rt, lambda: ensure_prepared(data_dir))
     sets = []
     for split in ("train", "val"):
         path = data_dir / f"{split}.bin"
@@ -96,7 +96,7 @@ def main():
     rt = setup_runtime(cfg)
     try:
         model = build_model(cfg, resume_from).to(rt.device)
-        train_set, val_set = load_data(cfg, model.config)
+        train_set, val_set = load_data(cfg, model.config, rt)
         if rt.master:
             print(f"model: {model.num_params() / 1e6:.1f}M parameters ({model.config.n_layer} layers, "
                   f"{model.config.n_head} heads, {model.config.n_embd} dims); {len(train_set):,} training blocks "

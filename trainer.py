@@ -126,6 +126,14 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
     return Runtime(device, rank, local_rank, world, autocast, scaler)
 
 
+def once_per_run(rt: Runtime, work: Callable[[], object]) -> None:
+    """`work` (a download, say) on the master process alone; the others wait for it."""
+    if rt.master:
+        work()
+    if rt.ddp:
+        dist.barrier()
+
+
 def teardown(rt: Runtime) -> None:
     if rt.ddp and dist.is_initialized():
         dist.destroy_process_group()
