@@ -163,11 +163,6 @@ def _run_config_file(path: Path, namespace: dict | None = None) -> dict:
             if not k.startswith("_") and not isinstance(v, type(sys)) and not callable(v)}
 
 
-def config_file_settings(path) -> dict:
-    """The raw settings a config file makes, for code that reads another script's config."""
-    return _run_config_file(Path(path))
-
-
 def usage(cls, doc: str | None = None) -> str:
     """--help: the script's docstring, then every key with its default and description."""
     lines = [doc.strip(), ""] if doc else []
@@ -192,9 +187,12 @@ def load_config(cls, argv: list[str], doc: str | None = None):
     positional = [f.name for f in dataclasses.fields(cls) if f.metadata.get("positional")]
     values: dict = {}
 
-    def assign(key, value, origin):
+    def known(key, origin):
         if key not in types_:
             raise UserError(f"unknown config key '{key}' ({origin}); known keys: {', '.join(sorted(types_))}")
+
+    def assign(key, value, origin):
+        known(key, origin)
         values[key] = coerce(key, value, types_[key])
 
     args = list(argv)
@@ -212,8 +210,7 @@ def load_config(cls, argv: list[str], doc: str | None = None):
                     raise UserError(f"override '{arg}' needs a value: write --{key}=VALUE")
                 else:
                     text = args.pop(0)
-            if key not in types_:
-                assign(key, None, "command line")  # raises: unknown key
+            known(key, "command line")
             assign(key, _parse_value(text, types_[key]), "command line")
         elif arg.endswith(".py"):
             for key, value in _run_config_file(Path(arg)).items():
