@@ -24,13 +24,14 @@ from collections import Counter
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from checkpoints import ADAPTER_FILE, find_checkpoint, load_train_state, run_info
-from common import UserError, load_config, resolve_device, run_main
-from data.e2e.dataset import ensure_prepared, load_prepared
-from e2e_metrics import FOOTNOTE, METRICS, format_scores, read_outputs, read_references, score
-from models import STUDY_RUNS, load_adapter_into, load_base, resolve
-from settings import DecodeConfig, EvalConfig, FinetuneConfig
-from tokenizer import decode
+from gpt2study.checkpoints import ADAPTER_FILE, find_checkpoint, load_train_state, run_info
+from gpt2study.cli import load_config, resolve_device, run_main
+from gpt2study.e2e_data import ensure_prepared, load_prepared
+from gpt2study.e2e_metrics import FOOTNOTE, METRICS, format_scores, read_outputs, read_references, score
+from gpt2study.loading import STUDY_RUNS, load_adapter_into, load_base, resolve
+from gpt2study.settings import DecodeConfig, EvalConfig, FinetuneConfig
+from gpt2study.tokenizer import decode
+from model import UserError
 
 
 @dataclass
@@ -114,7 +115,7 @@ def markdown_table(results: list[tuple[System, dict | None]], n_mrs: int, decodi
 
 def evaluate_systems(cfg: EvalConfig) -> Path:
     """Decode and score every system of cfg.configs; returns the scores.json written."""
-    from decoding import continuations
+    from gpt2study.decoding import continuations
 
     device = resolve_device(cfg.device)
     data_dir = ensure_prepared(Path(cfg.data_dir))

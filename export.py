@@ -18,12 +18,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-import hf_format
 import lora
-import models
-from common import UserError, load_config, run_main
-from hub import HF_GPT2_NAMES, HUB_ORG
-from settings import ExportConfig
+from gpt2study import hf_format, loading
+from gpt2study.cli import load_config, run_main
+from gpt2study.pretrained import HF_GPT2_NAMES, HUB_ORG
+from gpt2study.settings import ExportConfig
+from model import UserError
 
 
 def transformers_name(spec: str) -> str | None:
@@ -44,16 +44,16 @@ def check_out(out: Path) -> None:
 def export(cfg: ExportConfig, tmp: Path) -> str:
     """Write the export into `tmp`; returns what was written, for the user."""
     out = Path(cfg.out)
-    found = models.adapter_of(models.resolve(cfg.run))
+    found = loading.adapter_of(loading.resolve(cfg.run))
     if found is None:
         if cfg.merged:
             print(f"{cfg.run} has no adapter: --merged changes nothing")
-        hf_format.save_hf_model(models.load_base(cfg.run), tmp)
+        hf_format.save_hf_model(loading.load_base(cfg.run), tmp)
         return f"a GPT-2 model: GPT2LMHeadModel.from_pretrained('{out}'), AutoTokenizer.from_pretrained('{out}')"
     base, adapter = found
-    model = models.load_base(base)
+    model = loading.load_base(base)
     if cfg.merged:
-        models.load_adapter_into(model, adapter)
+        loading.load_adapter_into(model, adapter)
         hf_format.save_hf_model(lora.merge_and_unload(model), tmp)
         return f"base {base} with its adapter merged in: GPT2LMHeadModel.from_pretrained('{out}')"
     if adapter.is_file():  # ours: refuse what PEFT cannot hold before writing a base for it
@@ -62,7 +62,7 @@ def export(cfg: ExportConfig, tmp: Path) -> str:
     if name is None:
         hf_format.save_hf_model(model, tmp / "base")
         name = str(out / "base")
-    models.load_adapter_into(model, adapter)
+    loading.load_adapter_into(model, adapter)
     hf_format.save_peft_adapter(model, tmp, name)
     return (f"a PEFT adapter on {name}: PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained('{name}'), "
             f"'{out}')")

@@ -16,16 +16,16 @@ from pathlib import Path
 
 import torch
 
-from checkpoints import ADAPTER_FILE, check_out_dir, resumed_settings, run_info
-from common import UserError, load_config, pick, run_main
-from data.e2e.dataset import ensure_prepared, load_prepared
+from gpt2study.checkpoints import ADAPTER_FILE, check_out_dir, resumed_settings, run_info
+from gpt2study.cli import load_config, pick, run_main
+from gpt2study.e2e_data import ensure_prepared, load_prepared
+from gpt2study.loading import load_base, resolve
+from gpt2study.settings import FinetuneConfig
+from gpt2study.tokenizer import EOT
+from gpt2study.training import check_resume, fit, once_per_run, setup_runtime, teardown, world_size
+from kernels.linear_cross_entropy import IGNORE_INDEX
 from lora import LoRAConfig, inject_lora, load_adapter, save_adapter
-from loss import IGNORE_INDEX
-from model import ModelOptions
-from models import load_base, resolve
-from settings import FinetuneConfig
-from tokenizer import EOT
-from trainer import check_resume, fit, once_per_run, setup_runtime, teardown, world_size
+from model import ModelOptions, UserError
 
 
 class E2EPairs:

@@ -26,14 +26,14 @@ import hashlib
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import UserError, pick, setting
+from model import UserError, setting
 
 # On CUDA, unmerged LoRA layers may run the fused Triton kernel (kernels.lora_linear), which also
 # applies the LoRA dropout itself: None takes it only on a GPU generation where it was measured
@@ -210,7 +210,7 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
         raise UserError("inject_lora needs a GPT model (transformer.h holds its blocks)")
     for p in model.parameters():
         p.requires_grad_(False)
-    cfg = pick(LoRAConfig, cfg)  # the LoRA fields alone, of a fine-tuning config say
+    cfg = LoRAConfig(**{f.name: getattr(cfg, f.name) for f in fields(LoRAConfig)})  # of a fine-tuning config, say
     if "wte" in cfg.lora_targets:
         if model.lm_head.weight is not model.transformer.wte.weight:
             raise UserError("the 'wte' LoRA target needs the LM head tied to the token embedding")

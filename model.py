@@ -10,14 +10,25 @@ GPT2LMHeadModel so that OpenAI's released weights load by name.
 import json
 import math
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import UserError, setting
-from loss import IGNORE_INDEX, LOSS_CHUNK, linear_cross_entropy
+from kernels.linear_cross_entropy import IGNORE_INDEX, LOSS_CHUNK, linear_cross_entropy
+
+
+class UserError(Exception):
+    """A problem the user can fix (a bad setting, a file that is not a model): the commands print it as one line."""
+
+
+def setting(default, help: str, *, choices=None, at_least=None, above=None, at_most=None, below=None,
+            positional: bool = False):
+    """A config field with its help text and allowed values, which the commands' configurator shows and checks."""
+    allowed = dict(choices=choices, at_least=at_least, above=above, at_most=at_most, below=below)
+    rules = {k: v for k, v in allowed.items() if v is not None}
+    return field(default=default, metadata={"help": help, "positional": positional, **rules})
 
 
 @dataclass

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
-from common import UserError, load_config, resolve_device, run_main
-from models import load_model, resolve
-from settings import SampleConfig
-from tokenizer import EOT, decode, encode
+from gpt2study.cli import load_config, resolve_device, run_main
+from gpt2study.loading import load_model, resolve
+from gpt2study.settings import SampleConfig
+from gpt2study.tokenizer import EOT, decode, encode
+from model import UserError
 
 
 def read_prompts(path: Path) -> list[str]:

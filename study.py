@@ -32,9 +32,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from checkpoints import ADAPTER_FILE, MODEL_FILE, find_checkpoint, run_info
-from common import UserError, load_config, run_main
-from settings import EvalConfig, FinetuneConfig, PretrainConfig, SampleConfig, StudyConfig
+from gpt2study.checkpoints import ADAPTER_FILE, MODEL_FILE, find_checkpoint, run_info
+from gpt2study.cli import load_config, run_main
+from gpt2study.settings import EvalConfig, FinetuneConfig, PretrainConfig, SampleConfig, StudyConfig
+from model import UserError
 
 REPO = Path(__file__).resolve().parent
 
@@ -98,7 +99,7 @@ def parse_overrides(step: str, field_name: str, cls, base: str, args: tuple[str,
 
 def plan(cfg: StudyConfig) -> list[Step]:
     """The study's steps, every setting checked; nothing is written yet."""
-    from data.text.dataset import expand_sources
+    from gpt2study.text_data import expand_sources
 
     out = Path(os.path.abspath(cfg.out_dir))
     cfgs = out / "configs"
@@ -227,7 +228,7 @@ def is_done(step: Step, steps: list[Step]) -> bool:
 
 def check_sources(step: Step) -> None:
     """Prepared tokens are reused only if they are of the corpus the study names."""
-    from data.text.dataset import expand_sources
+    from gpt2study.text_data import expand_sources
 
     out = step.settings["out_dir"]
     made = {Path(p).resolve() for p in json.loads((Path(out) / "meta.json").read_text()).get("sources", [])}
@@ -248,7 +249,7 @@ def gpt2m_unavailable(step: Step) -> str | None:
     init_from = step.parsed.init_from
     if Path(init_from).exists():  # a local folder: finetune.py checks it
         return None
-    from hub import gpt2_folder
+    from gpt2study.pretrained import gpt2_folder
 
     try:
         gpt2_folder(init_from)
@@ -384,7 +385,7 @@ def run_step(step: Step, steps: list[Step], cfg: StudyConfig, times: Times, stud
 
 def run_summary(step: Step) -> dict | None:
     """What a finished training run trained, on what, and how far it got."""
-    from plots import read_metrics
+    from gpt2study.plots import read_metrics
 
     ckpt = find_checkpoint(step.settings["out_dir"])
     if ckpt is None:
@@ -468,7 +469,7 @@ def describe(step: Step, summary: dict | None, samples) -> str:
 
 def e2e_table(eval_step: Step, steps: list[Step]) -> tuple[str, dict]:
     """The E2E table (each base before and after LoRA), with a row for every system not evaluated."""
-    from e2e_metrics import FOOTNOTE, METRICS
+    from gpt2study.e2e_metrics import FOOTNOTE, METRICS
 
     path = scores_file(eval_step.settings["out_dir"])
     record = json.loads(path.read_text()) if path else {"systems": {}}
@@ -499,7 +500,7 @@ def e2e_table(eval_step: Step, steps: list[Step]) -> tuple[str, dict]:
 
 
 def write_report(cfg: StudyConfig, steps: list[Step], times: Times, study_cmd: str) -> list[Path]:
-    from plots import Curve, plot_curves, read_metrics
+    from gpt2study.plots import Curve, plot_curves, read_metrics
 
     out = Path(cfg.out_dir)
     by_name = {s.name: s for s in steps}

@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoints import MODEL_FILE, check_out_dir, resumed_settings, run_info
-from common import UserError, load_config, pick, run_main
-from model import GPT, GPTConfig, ModelOptions
-from models import load_base
-from settings import PretrainConfig
-from trainer import check_resume, fit, once_per_run, setup_runtime, teardown, world_size
+from gpt2study.checkpoints import MODEL_FILE, check_out_dir, resumed_settings, run_info
+from gpt2study.cli import load_config, pick, run_main
+from gpt2study.loading import load_base
+from gpt2study.settings import PretrainConfig
+from gpt2study.training import check_resume, fit, once_per_run, setup_runtime, teardown, world_size
+from model import GPT, GPTConfig, ModelOptions, UserError
 
 
 class TokenBlocks:
@@ -50,7 +50,7 @@ class TokenBlocks:
 
 
 def load_data(cfg: PretrainConfig, model_cfg: GPTConfig, rt) -> tuple[TokenBlocks, TokenBlocks]:
-    from data.wikitext103.dataset import ensure_prepared
+    from gpt2study.wikitext import ensure_prepared
 
     data_dir = Path(cfg.data_dir)
     once_per_run(rt, lambda: ensure_prepared(data_dir))

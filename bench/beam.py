@@ -37,14 +37,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo root
-
 import torch
 
-from common import UserError, load_config, run_main, setting
-from decoding import beam_search, left_pad
-from model import GPT, GPTConfig
-from tokenizer import EOT, encode_batch
+from gpt2study.cli import load_config, run_main
+from gpt2study.decoding import beam_search, left_pad
+from gpt2study.tokenizer import EOT, encode_batch
+from model import GPT, GPTConfig, UserError, setting
 
 DEFAULT_CSV = Path(__file__).resolve().parents[2] / "shared/data/e2e/testset_w_refs.csv"
 SEARCH = dict(beam_size=10, length_penalty=0.8, no_repeat_ngram_size=4, max_new_tokens=64)
@@ -65,8 +63,8 @@ class BeamBenchConfig:
 
 def read_prompts(path: Path, n: int) -> list[str]:
     """The first n distinct MRs of an E2E CSV as prompts, formatted as fine-tuning formats them."""
-    from data.e2e.dataset import format_prompt
-    from data.e2e.release import group_by_mr, parse_pairs_csv
+    from gpt2study.e2e_data import format_prompt
+    from gpt2study.e2e_release import group_by_mr, parse_pairs_csv
 
     if not path.is_file():
         raise UserError(f"E2E test set '{path}' not found; pass --csv PATH/testset_w_refs.csv")
@@ -79,7 +77,7 @@ def random_models(cfg: GPTConfig, seed: int):
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging
 
-    from hf_format import hf_config, load_hf_model
+    from gpt2study.hf_format import hf_config, load_hf_model
 
     logging.disable_progress_bar()
     torch.manual_seed(seed)
@@ -95,7 +93,7 @@ def to_transformers(model: GPT):
     from transformers import GPT2LMHeadModel
     from transformers.utils import logging
 
-    from hf_format import save_hf_model
+    from gpt2study.hf_format import save_hf_model
 
     logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as folder:
@@ -128,8 +126,8 @@ def main() -> None:
     texts = read_prompts(Path(args.csv), args.n)
     prompts = encode_batch(texts)
     if args.model:
+        from gpt2study.loading import load_model
         from lora import load_adapter, merge_and_unload
-        from models import load_model
 
         ours, weights = load_model(args.model), args.model
         if args.adapter:

@@ -35,9 +35,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo root
-
-from common import UserError, load_config, run_main, setting
+from gpt2study.cli import load_config, run_main
+from model import UserError, setting
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,8 +122,8 @@ class Record:
 
 
 def _bench_module():
-    """bench/kernels.py (its name clashes with the kernels package, so it is loaded from its file)."""
-    spec = importlib.util.spec_from_file_location("kernel_bench", ROOT / "bench" / "kernels.py")
+    """bench/kernel_speed.py (its name clashes with the kernels package, so it is loaded from its file)."""
+    spec = importlib.util.spec_from_file_location("kernel_bench", ROOT / "bench" / "kernel_speed.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -151,7 +150,7 @@ def _peak_flops(device):
     """Dense bf16 peak of the GPU (FLOP/s), by name (trainer.PEAK_BF16_FLOPS); None elsewhere."""
     import torch
 
-    from trainer import peak_flops_of
+    from gpt2study.training import peak_flops_of
 
     return peak_flops_of(torch.cuda.get_device_name()) if device == "cuda" else None
 
@@ -305,7 +304,7 @@ def _train_models(dry_run):
     """(our GPTConfig, transformers GPT2Config, batch, T) of the training part: one architecture, dropout off."""
     from transformers import GPT2Config
 
-    from hf_format import hf_config
+    from gpt2study.hf_format import hf_config
     from model import GPTConfig
 
     shape = dict(n_layer=2, n_head=2, n_embd=64) if dry_run else dict(n_layer=6, n_head=12, n_embd=768)
@@ -486,7 +485,7 @@ def part_finetune(rec: Record, cfg: SessionConfig) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     import lora
-    from hf_format import hf_config
+    from gpt2study.hf_format import hf_config
     from lora import LoRAConfig, inject_lora
     from model import GPT, GPTConfig
 
@@ -579,7 +578,7 @@ def e2e_like_prompts(n: int, test: Path = ROOT / "data" / "e2e" / "prepared" / "
     MRs of the same form ('name : X | eatType : Y | ... ||', 3 to 8 attributes), tokenized; and which of the two."""
     import random
 
-    from tokenizer import encode_batch
+    from gpt2study.tokenizer import encode_batch
 
     if test.is_file():
         prompts = [json.loads(line)["prompt"] for line in test.read_text().splitlines() if line.strip()]
@@ -605,9 +604,9 @@ def part_beam(rec: Record, cfg: SessionConfig) -> None:
     import torch
 
     beam_bench = _load_beam_bench()
-    from decoding import beam_search
+    from gpt2study.decoding import beam_search
+    from gpt2study.tokenizer import EOT
     from model import GPTConfig
-    from tokenizer import EOT
 
     device = _device()
     n, max_live, new_tokens = (6, 3, 8) if cfg.dry_run else (630, 51, 64)

@@ -27,6 +27,17 @@ def shared_path(*parts) -> Path:
     return path
 
 
+def load_script(relative: str):
+    """A command under data/ or bench/ (not a package) as a module, for tests that call its functions."""
+    import importlib.util
+
+    path = REPO / relative
+    spec = importlib.util.spec_from_file_location(path.stem + "_" + path.parent.name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_cli(*args, cwd=REPO, env=None, timeout=600) -> subprocess.CompletedProcess:
     """Run `python <args>` in the repo the way a user would; captures output as text."""
     full_env = {**os.environ, **(env or {})}
@@ -87,9 +98,9 @@ def one_thread():
 
 
 def run_entry(module, args, monkeypatch, capsys) -> subprocess.CompletedProcess:
-    """An entry point's main under common.run_main, in this process, as its command line runs it:
+    """An entry point's main under cli.run_main, in this process, as its command line runs it:
     the exit status and what it printed."""
-    from common import run_main
+    from gpt2study.cli import run_main
 
     monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *map(str, args)])
     capsys.readouterr()
@@ -107,7 +118,7 @@ def write_prepared_e2e(root: Path, pairs, copies: int) -> Path:
     train and dev, and one test MR per pair."""
     import json
 
-    from data.e2e.dataset import tokenize_example
+    from gpt2study.e2e_data import tokenize_example
 
     lines = []
     for mr, ref in pairs * copies:

@@ -56,7 +56,7 @@ def test_proposed_wins_follow_kernel_and_whole_step_numbers():
 
 
 def test_synthetic_prompts_look_like_e2e_mrs(tmp_path):
-    from tokenizer import decode
+    from gpt2study.tokenizer import decode
 
     prompts, source = gpu_session.e2e_like_prompts(20, tmp_path / "absent.jsonl")
     assert len(prompts) == 20 and "synthetic" in source

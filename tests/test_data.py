@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from conftest import REPO, assert_one_line_error, run_cli, shared_path
 
-from common import UserError
-from data.text.dataset import prepare as prepare_text
-from data.wikitext103.dataset import prepare as prepare_wikitext
-from data.wikitext103.dataset import split_articles
-from tokenizer import EOT, decode
+from gpt2study.text_data import prepare as prepare_text
+from gpt2study.tokenizer import EOT, decode
+from gpt2study.wikitext import prepare as prepare_wikitext
+from gpt2study.wikitext import split_articles
+from model import UserError
 
 
 def documents_in(path) -> list[str]:

@@ -8,13 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import decoding
-import decoding.beam as beam
-from common import UserError
-from decoding import beam_search, continuations, generate_batch
-from decoding.beam import ban_repeated_ngrams, repeated_ngrams, stay_in_place
-from decoding.beam_cache import BeamCache, grouped_one_query_attention
-from model import GPT, GPTConfig, KVCache
+import gpt2study.decoding.beam as beam
+from gpt2study import decoding
+from gpt2study.decoding import beam_search, continuations, generate_batch
+from gpt2study.decoding.beam import ban_repeated_ngrams, repeated_ngrams, stay_in_place
+from gpt2study.decoding.beam_cache import BeamCache, grouped_one_query_attention
+from model import GPT, GPTConfig, KVCache, UserError
 
 
 def tiny_model(vocab: int, seed: int = 0, copying: bool = False) -> GPT:

@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 from conftest import SHARED, assert_one_line_error, run_cli
 
-import download as download_module
-from common import UserError
-from data.e2e import release
-from data.text.dataset import fetch_sources
-from data.wikitext103 import dataset as wikitext
-from download import USER_AGENT, download
-from hub import gpt2_folder
+from gpt2study import download as download_module
+from gpt2study import e2e_release as release
+from gpt2study import wikitext
+from gpt2study.download import USER_AGENT, download
+from gpt2study.pretrained import gpt2_folder
+from gpt2study.text_data import fetch_sources
+from model import UserError
 
 # Local servers are reached directly, whatever proxy the machine running the tests has set.
 NO_PROXY = {"no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost"}
@@ -303,7 +303,8 @@ def hub_env(tmp_path, **extra) -> dict:
 
 def run_gpt2_folder(name: str, env: dict):
     """gpt2_folder(name) in a fresh process, so that huggingface_hub reads the environment as a user's run would."""
-    code = "import sys, common, hub; common.run_main(lambda: print(hub.gpt2_folder(sys.argv[1])))"
+    code = ("import sys; from gpt2study import cli, pretrained; "
+            "cli.run_main(lambda: print(pretrained.gpt2_folder(sys.argv[1])))")
     return run_cli("-c", code, name, env=env, timeout=120)
 
 

@@ -9,14 +9,16 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SHARED
+from conftest import REPO, SHARED, load_script
 
-from common import UserError, run_main
-from data.e2e import dataset, prepare
-from data.e2e.dataset import format_prompt, linearize_mr, load_prepared, parse_mr, tokenize_example
-from data.e2e.release import group_by_mr, read_split
-from tokenizer import EOT, decode
+from gpt2study import e2e_data as dataset
+from gpt2study.cli import run_main
+from gpt2study.e2e_data import format_prompt, linearize_mr, load_prepared, parse_mr, tokenize_example
+from gpt2study.e2e_release import group_by_mr, read_split
+from gpt2study.tokenizer import EOT, decode
+from model import UserError
 
+prepare = load_script("data/e2e/prepare.py")
 ZIP = SHARED / "data" / "e2e" / "e2e-dataset.zip"
 
 

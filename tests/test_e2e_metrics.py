@@ -6,9 +6,9 @@ import math
 import pytest
 from conftest import SHARED
 
-import e2e_metrics
-from common import UserError
-from e2e_metrics import bleu_nist, format_scores, mteval_tokenize, read_outputs, read_references, score
+from gpt2study import e2e_metrics
+from gpt2study.e2e_metrics import bleu_nist, format_scores, mteval_tokenize, read_outputs, read_references, score
+from model import UserError
 
 E2E = SHARED / "data" / "e2e"
 needs_java = pytest.mark.skipif(not e2e_metrics.java_available(), reason="Java not found: official METEOR/PTB need it")

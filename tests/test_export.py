@@ -9,12 +9,9 @@ import torch
 from conftest import assert_one_line_error, run_cli, shared_path
 from safetensors.torch import load_file
 
-import hf_format
 import lora
-import models
-import tokenizer
-from common import UserError
-from model import GPT, GPTConfig
+from gpt2study import hf_format, loading, tokenizer
+from model import GPT, GPTConfig, UserError
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -336,7 +333,7 @@ def test_cli_exports_runs(tmp_path):
     peft_model = PeftModel.from_pretrained(hf_model(tmp_path / "peft" / "base"), tmp_path / "peft")
     assert (theirs(peft_model, x) - ours(adapted, x)).abs().max() <= TOL
     # and the folder is a model wherever ours are taken (sample.py, e2e_eval.py)
-    assert (ours(models.load_model(str(tmp_path / "peft")).eval(), x) - ours(adapted, x)).abs().max() <= TOL
+    assert (ours(loading.load_model(str(tmp_path / "peft")).eval(), x) - ours(adapted, x)).abs().max() <= TOL
 
     done = run_cli("export.py", wte_run, "--out", tmp_path / "refused")
     assert_one_line_error(done, "--merged")

@@ -31,9 +31,9 @@ from safetensors.torch import load_file
 
 import finetune
 import train
-from checkpoints import find_checkpoint, load_train_state
+from gpt2study.checkpoints import find_checkpoint, load_train_state
+from gpt2study.training import EpochSampler
 from model import GPT, GPTConfig
-from trainer import EpochSampler
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models: threads only cost, the more so on a busy machine
 
@@ -136,7 +136,7 @@ def test_bad_values_are_one_line_and_write_nothing(token_data, lora_setup, tmp_p
 def test_help_lists_every_key(monkeypatch, capsys):
     from dataclasses import fields
 
-    from settings import FinetuneConfig, PretrainConfig
+    from gpt2study.settings import FinetuneConfig, PretrainConfig
 
     for module, cls in ((train, PretrainConfig), (finetune, FinetuneConfig)):
         r = run_entry(module, ["--help"], monkeypatch, capsys)
@@ -459,7 +459,7 @@ def test_full_disk_while_saving(token_data, tmp_path, monkeypatch, capsys, how):
     """The disk fills up during the second checkpoint: one line, the first checkpoint intact, no
     temporary folder. Either the write fails (OSError ENOSPC), or, as safetensors can do, it
     loses the tail of the file without a word."""
-    import checkpoints
+    from gpt2study import checkpoints
 
     out = tmp_path / "run"
     first = {}  # the first checkpoint as it was before the second was tried
@@ -611,7 +611,7 @@ def test_prepare_refuses_an_out_dir_that_is_a_file(script, tmp_path):
 
 def test_a_partial_or_other_decoding_table_never_takes_the_study_tables_name():
     from e2e_eval import variant
-    from settings import EvalConfig
+    from gpt2study.settings import EvalConfig
 
     assert variant(EvalConfig(), 630, 630) == ""  # the study's table: scores.md
     assert variant(EvalConfig(max_mrs=3), 3, 630) == "first3"

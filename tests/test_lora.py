@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from common import UserError
 from lora import (
     TARGETS,
     LoRAConfig,
@@ -25,7 +24,7 @@ from lora import (
     save_adapter,
     unmerge_lora,
 )
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 C = 32  # n_embd of the tiny model
@@ -100,7 +99,7 @@ def test_baked_model_is_a_plain_gpt_with_the_update(tmp_path):
 
 
 def test_beam_search_sees_an_unmerged_adapter_as_its_baked_model():
-    from decoding import beam_search
+    from gpt2study.decoding import beam_search
 
     model = inject_lora(tiny(), LoRAConfig(lora_targets=ALL))  # 'wte' included: the head's weight is adapted
     randomize_b(model)

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import loss as loss_module
 import model as model_module
-from common import UserError, check_settings
-from hf_format import load_hf_model
-from model import GPT, GPTConfig
+from gpt2study.cli import check_settings
+from gpt2study.hf_format import load_hf_model
+from kernels import linear_cross_entropy as loss_module
+from model import GPT, GPTConfig, UserError
 
 transformers = pytest.importorskip("transformers", reason="transformers is the reference (test-only dependency)")
 
@@ -80,7 +80,7 @@ def test_checkpoint_that_does_not_fit_its_config(hf_model, tmp_path):
 
 
 def test_model_paths_that_name_nothing_fail_with_one_line(tmp_path):
-    from models import load_model
+    from gpt2study.loading import load_model
 
     with pytest.raises(UserError, match="holds no model"):
         load_model(str(tmp_path))
@@ -205,7 +205,7 @@ def test_config_errors():
 
 
 def test_tokenizer_is_gpt2_offline():
-    import tokenizer
+    from gpt2study import tokenizer
 
     enc = tokenizer.get_encoding()
     assert enc.n_vocab == 50257 and tokenizer.EOT == enc.eot_token == 50256
@@ -217,7 +217,7 @@ def test_tokenizer_is_gpt2_offline():
 
 
 def test_vocab_file_is_checked(tmp_path, monkeypatch):
-    import tokenizer
+    from gpt2study import tokenizer
 
     bad = tmp_path / "gpt2.tiktoken"
     bad.write_bytes(tokenizer.VOCAB_FILE.read_bytes()[:-10])

@@ -5,8 +5,8 @@ import re
 import pytest
 from conftest import REPO
 
-from common import load_config
-from settings import FinetuneConfig, PretrainConfig, StudyConfig
+from gpt2study.cli import load_config
+from gpt2study.settings import FinetuneConfig, PretrainConfig, StudyConfig
 
 
 def readme_commands() -> tuple[str, str]:
@@ -50,7 +50,10 @@ def project_imports() -> dict[str, set[str]]:
                 found |= {a.name for a in node.names}
             elif isinstance(node, ast.ImportFrom):
                 base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-                found.add(f"{base}.{node.module}".strip(".") if node.level else node.module)
+                module = f"{base}.{node.module or ''}".strip(".") if node.level else node.module
+                if node.module:  # `from . import name` imports the package's names, not the package's __init__ anew
+                    found.add(module)
+                found |= {f"{module}.{a.name}" for a in node.names}  # `from package import module`
         graph[name] = {d for d in found if d in names and d != name}
     return graph
 
@@ -58,7 +61,7 @@ def project_imports() -> dict[str, set[str]]:
 def test_imports_flow_one_way():
     """No import cycles, and no module imports an entry script (README: how the pieces depend on each other)."""
     graph = project_imports()
-    assert "model" in graph and "decoding.beam" in graph["decoding"]
+    assert "model" in graph and "gpt2study.decoding.beam" in graph["gpt2study.decoding"]
     for name, deps in graph.items():
         assert not deps & ENTRY_SCRIPTS, f"{name} imports the entry script(s) {deps & ENTRY_SCRIPTS}"
 
@@ -67,3 +70,28 @@ def test_imports_flow_one_way():
 
     cycles = [name for name in graph if reaches(name, name, set())]
     assert not cycles, f"import cycles through {cycles}"
+
+
+def layer(module: str) -> int:
+    """Where a module stands: the commands on top, the library below them, then lora.py, model.py, kernels/."""
+    if module in ENTRY_SCRIPTS:
+        return 3
+    if module.startswith("gpt2study"):
+        return 2
+    return {"lora": 1, "model": 0.5}.get(module, 0)  # kernels/
+
+
+def test_imports_run_down_the_layers():
+    """Commands import the library, the library imports lora.py and model.py, those import kernels/ and
+    nothing above them: model.py and lora.py read on their own, and no arrow runs back up."""
+    for name, deps in project_imports().items():
+        up = {d for d in deps if layer(d) > layer(name)}
+        assert not up, f"{name} imports {up}, which stand above it"
+
+
+def test_no_sys_path_edits():
+    """The library is found through the editable install (requirements.txt), not by editing sys.path."""
+    skip = {".venv", "tests", "out"}
+    edits = [str(p.relative_to(REPO)) for p in REPO.rglob("*.py")
+             if not skip & set(p.relative_to(REPO).parts) and "sys.path" in p.read_text()]
+    assert not edits

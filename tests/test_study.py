@@ -15,8 +15,8 @@ import time
 import pytest
 from conftest import REPO, assert_one_line_error, run_cli
 
-from checkpoints import find_checkpoint, run_info
-from plots import Curve, plot_curves, read_metrics
+from gpt2study.checkpoints import find_checkpoint, run_info
+from gpt2study.plots import Curve, plot_curves, read_metrics
 
 STEPS = ("data_text", "data_e2e", "pretrain", "pretrain_continue", "samples", "lora_e2e", "lora_e2e_gpt2m",
          "e2e_eval")

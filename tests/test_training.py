@@ -10,11 +10,11 @@ import torch
 from conftest import REPO, assert_one_line_error, run_cli, run_entry, tiny_train_args
 
 import train
-import trainer
-from checkpoints import find_checkpoint, load_train_state, save_checkpoint
-from common import UserError, load_config
-from settings import PretrainConfig
-from trainer import EpochSampler, TrainConfig, lr_at
+from gpt2study.checkpoints import find_checkpoint, load_train_state, save_checkpoint
+from gpt2study.cli import load_config
+from gpt2study.settings import PretrainConfig
+from gpt2study.training import EpochSampler, TrainConfig, lr_at, make_optimizer
+from model import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -116,7 +116,8 @@ def test_host_reads_the_device_only_at_checks(token_data, tmp_path, monkeypatch)
     """Between log steps, evaluations and checkpoints, no code of ours in the step loop reads a
     tensor's value on the host (item, tolist, bool, float, ...): on a GPU each such read waits for
     the queue to drain. Here every read is traced to its call site and step."""
-    ours = {str(REPO / f) for f in ("trainer.py", "model.py", "loss.py", "lora.py", "train.py")}
+    ours = {str(REPO / f) for f in (
+        "gpt2study/training.py", "model.py", "kernels/linear_cross_entropy.py", "lora.py", "train.py")}
     step, reads = [0], []
     original = EpochSampler.next_batch
 
@@ -223,7 +224,7 @@ def test_epoch_sampler_order_and_resume():
 
 
 def test_optimizer_decays_matrices_only(tiny_model):
-    opt = trainer.make_optimizer(tiny_model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    opt = make_optimizer(tiny_model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decayed["params"])
     assert plain["weight_decay"] == 0.0 and all(p.dim() == 1 for p in plain["params"])

@@ -6,10 +6,10 @@ import sys
 import pytest
 from conftest import REPO, assert_one_line_error, run_cli, run_entry, tiny_train_args, write_prepared_e2e
 
-from data.e2e.dataset import tokenize_example
 from finetune import E2EPairs
-from loss import IGNORE_INDEX
-from tokenizer import EOT, encode
+from gpt2study.e2e_data import tokenize_example
+from gpt2study.tokenizer import EOT, encode
+from kernels.linear_cross_entropy import IGNORE_INDEX
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -103,7 +103,7 @@ def test_examples_score_the_reference_only():
 
 def test_finetune_trains_adapter_only_and_resumes(base_run, e2e_data, tmp_path, monkeypatch):
     import finetune
-    from trainer import EpochSampler
+    from gpt2study.training import EpochSampler
 
     def run(args):
         monkeypatch.setattr(sys, "argv", ["finetune.py", *map(str, args)])

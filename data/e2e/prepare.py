@@ -12,13 +12,10 @@ gets train.jsonl and dev.jsonl (one pair a line: mr, ref, prompt ids, target ids
 import sys
 from pathlib import Path
 
-# Run as a script, Python puts data/e2e/ (not the repo root) on sys.path; the library lives at the root.
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from common import load_config, run_main
-from data.e2e.dataset import prepare
-from data.e2e.release import SPLIT_FILES, fetch_release
-from settings import E2EDataConfig
+from gpt2study.cli import load_config, run_main
+from gpt2study.e2e_data import prepare
+from gpt2study.e2e_release import SPLIT_FILES, fetch_release
+from gpt2study.settings import E2EDataConfig
 
 
 def main(argv=None) -> None:

@@ -12,12 +12,9 @@ GPT-2 token ids with the end-of-text token after every document.
 import sys
 from pathlib import Path
 
-# Run as a script, Python puts data/text/ (not the repo root) on sys.path; the library lives at the root.
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from common import load_config, run_main
-from data.text.dataset import fetch_sources, prepare
-from settings import TextConfig
+from gpt2study.cli import load_config, run_main
+from gpt2study.settings import TextConfig
+from gpt2study.text_data import fetch_sources, prepare
 
 
 def main():

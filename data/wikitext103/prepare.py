@@ -12,12 +12,9 @@ articles (the lines ` = Title = `) are the documents, each followed by the end-o
 import sys
 from pathlib import Path
 
-# Run as a script, Python puts data/wikitext103/ (not the repo root) on sys.path; the library lives at the root.
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from common import load_config, run_main
-from data.wikitext103.dataset import prepare
-from settings import WikiTextConfig
+from gpt2study.cli import load_config, run_main
+from gpt2study.settings import WikiTextConfig
+from gpt2study.wikitext import prepare
 
 
 def main():

@@ -13,9 +13,8 @@
 import json
 from pathlib import Path
 
-from checkpoints import ADAPTER_FILE, MODEL_FILE, find_checkpoint, run_info
-from common import UserError
-from model import GPT
+from gpt2study.checkpoints import ADAPTER_FILE, MODEL_FILE, find_checkpoint, run_info
+from model import GPT, UserError
 
 LATEST = "latest"
 # Where the study's pretraining runs leave their weights, latest first, and the configs that make them.
@@ -60,7 +59,7 @@ def adapter_of(spec: str) -> tuple[str, Path] | None:
 def load_adapter_into(model: GPT, adapter: Path) -> None:
     """Our adapter file, or a PEFT adapter folder, into `model` (which must be its base)."""
     if adapter.is_dir():
-        from hf_format import load_peft_adapter
+        from gpt2study.hf_format import load_peft_adapter
 
         load_peft_adapter(model, adapter)
     else:
@@ -99,7 +98,7 @@ def load_base(spec: str, **options) -> GPT:
     if path.is_dir() and not (path / "config.json").exists():
         raise UserError(f"{spec} holds no model: expected a run folder with checkpoint/{MODEL_FILE}, a model file, "
                         f"or a Hugging Face folder with config.json")
-    from hf_format import load_hf_model
-    from hub import gpt2_folder
+    from gpt2study.hf_format import load_hf_model
+    from gpt2study.pretrained import gpt2_folder
 
     return load_hf_model(gpt2_folder(spec), **options)

@@ -18,7 +18,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from common import UserError
+from model import UserError
 
 # Hosts such as wikitext.smerity.com answer 403 to "Python-urllib/3.x"; a named client is let through.
 USER_AGENT = "gpt2-study/0.1 (research code fetching its datasets)"

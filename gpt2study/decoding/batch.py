@@ -4,7 +4,7 @@ from contextlib import contextmanager
 
 import torch
 
-from common import UserError
+from model import UserError
 
 
 def check_prompts(prompts) -> None:

@@ -30,9 +30,8 @@ import torch
 from torch import nn
 
 import lora
-import tokenizer
-from common import UserError
-from model import GPT, GPTConfig, load_weights
+from gpt2study import tokenizer
+from model import GPT, GPTConfig, UserError, load_weights
 
 PEFT_PREFIX = "base_model.model."  # what PEFT puts before a module's name in adapter_model.safetensors
 # the modules of a block our LoRA can adapt, by their name in a block, and the PEFT target that names each

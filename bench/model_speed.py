@@ -1,7 +1,7 @@
 """Our GPT-2 against transformers' GPT2LMHeadModel: a training step and KV-cache generation.
 
-    python bench/model.py                 # CPU defaults: the study's 6-layer model, fp32
-    python bench/model.py --device=cuda --dtype=bfloat16 --batch=16 --seq=1024
+    python bench/model_speed.py                 # CPU defaults: the study's 6-layer model, fp32
+    python bench/model_speed.py --device=cuda --dtype=bfloat16 --batch=16 --seq=1024
 
 Both models get the same config, the same weights (a random transformers model, loaded into
 ours through hf_format.load_hf_model), the same batch and dtype, measured in the same run.
@@ -20,11 +20,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from common import load_config, run_main, setting
-from hf_format import hf_config, load_hf_model
-from model import GPTConfig
+from gpt2study.cli import load_config, run_main
+from gpt2study.hf_format import hf_config, load_hf_model
+from model import GPTConfig, setting
 
 
 @dataclass

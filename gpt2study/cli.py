@@ -1,6 +1,6 @@
-"""What every entry point shares: one-line user errors, and the one configurator.
+"""What every command shares: the one configurator, and user errors printed as one line.
 
-A script's settings are a dataclass whose fields are declared with `setting(default, help,
+A command's settings are a dataclass whose fields are declared with `model.setting(default, help,
 ...)`: the help text, the allowed range or choices, all in one place. `load_config(cls, argv)`
 builds it from config files (plain Python that assigns some fields: `lr = 3e-4`; the files
 under config/) and command-line overrides, in order, later ones winning:
@@ -21,9 +21,7 @@ import types
 import typing
 from pathlib import Path
 
-
-class UserError(Exception):
-    """A problem the user can fix (bad input, missing data, ...): printed as one line, no traceback."""
+from model import UserError
 
 
 def run_main(main) -> None:
@@ -55,15 +53,7 @@ def resolve_device(name: str) -> str:
     return name
 
 
-# ----------------------------------------------------------------------------- declaring settings
-
-
-def setting(default, help: str, *, choices=None, at_least=None, above=None, at_most=None, below=None,
-            positional: bool = False):
-    """A config field: its default, a short description for --help, and what values are allowed."""
-    checks = {k: v for k, v in dict(choices=choices, at_least=at_least, above=above, at_most=at_most,
-                                    below=below).items() if v is not None}
-    return dataclasses.field(default=default, metadata={"help": help, "positional": positional, **checks})
+# ----------------------------------------------------------------------------- checking settings
 
 
 def field_types(cls) -> dict[str, type]:

@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from checkpoints import STATE_FILE, load_train_state, save_checkpoint
-from checkpoints import run_info as checkpoint_info
-from common import DEVICE_HELP, UserError, resolve_device, setting
+from gpt2study.checkpoints import STATE_FILE, load_train_state, save_checkpoint
+from gpt2study.checkpoints import run_info as checkpoint_info
+from gpt2study.cli import DEVICE_HELP, resolve_device
+from model import UserError, setting
 
 
 @dataclass

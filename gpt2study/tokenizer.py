@@ -11,7 +11,7 @@ from pathlib import Path
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
-VOCAB_FILE = Path(__file__).resolve().parent / "assets" / "gpt2.tiktoken"
+VOCAB_FILE = Path(__file__).resolve().parent / "gpt2.tiktoken"
 VOCAB_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 EOT_TEXT = "<|endoftext|>"
 EOT = 50256  # GPT-2's only special token: separates documents and ends generations

@@ -7,13 +7,13 @@ run is TrainConfig + LoRAConfig + the base's ModelOptions, and so on.
 
 from dataclasses import dataclass
 
-from common import DEVICE_HELP, UserError, setting
-from data.e2e.dataset import DEFAULT_OUT as E2E_DATA
-from data.wikitext103.dataset import DEFAULT_OUT as WIKITEXT_DATA
-from decoding import BEAM_RULES, METHODS
+from gpt2study.cli import DEVICE_HELP
+from gpt2study.decoding import BEAM_RULES, METHODS
+from gpt2study.e2e_data import DEFAULT_OUT as E2E_DATA
+from gpt2study.training import TrainConfig
+from gpt2study.wikitext import DEFAULT_OUT as WIKITEXT_DATA
 from lora import LoRAConfig
-from model import GPTConfig, ModelOptions
-from trainer import TrainConfig
+from model import GPTConfig, ModelOptions, UserError, setting
 
 
 @dataclass

@@ -10,8 +10,8 @@ import re
 import zipfile
 from pathlib import Path
 
-from common import UserError
-from download import download
+from gpt2study.download import download
+from model import UserError
 
 URL = "https://github.com/tuetschek/e2e-dataset/releases/download/v1.0.0/e2e-dataset.zip"
 ZIP_NAME = "e2e-dataset.zip"

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from common import UserError, check_settings, coerce, field_types
+from gpt2study.cli import check_settings, coerce, field_types
+from model import UserError
 
 MODEL_FILE, ADAPTER_FILE = "model.safetensors", "adapter.safetensors"
 CKPT, CKPT_TMP, CKPT_OLD, CKPT_BAD = "checkpoint", "checkpoint.tmp", "checkpoint.old", "checkpoint.bad"

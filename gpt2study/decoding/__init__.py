@@ -3,7 +3,7 @@
 E2E outputs are decoded with beam search (beam 10, length penalty 0.8, no repeated 4-gram,
 at most 64 new tokens, stop at end-of-text), as in the LoRA paper's E2E setup:
 
-    from decoding import continuations
+    from gpt2study.decoding import continuations
     outputs = continuations(model, prompts)  # token ids per prompt, EOT stripped, in input order
 
 Prompts of different lengths share a batch by padding on the left (decoding/batch.py), so that
@@ -12,8 +12,8 @@ every row's next token sits in the last column.
 
 import torch
 
-from common import UserError
-from tokenizer import EOT
+from gpt2study.tokenizer import EOT
+from model import UserError
 
 from .batch import check_prompts, eval_mode, left_pad, strip_after
 from .beam import BEAM_RULES, beam_search

@@ -5,8 +5,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from common import UserError
-from tokenizer import EOT
+from gpt2study.tokenizer import EOT
+from model import UserError
 
 from .batch import check_prompts, eval_mode, left_pad, strip_after
 from .beam_cache import BeamCache

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common import UserError
-from download import download, make_out_dir
-from tokenizer import EOT, VOCAB_SIZE, encode_batch
+from gpt2study.download import download, make_out_dir
+from gpt2study.tokenizer import EOT, VOCAB_SIZE, encode_batch
+from model import UserError
 
 
 def expand_sources(sources: list[str]) -> list[Path]:

@@ -11,10 +11,10 @@ import os
 import re
 from pathlib import Path
 
-from common import UserError
-from data.e2e.release import SPLIT_FILES, fetch_release, group_by_mr, parse_pairs_csv, read_source_file
-from download import make_out_dir
-from tokenizer import EOT, encode, encode_batch
+from gpt2study.download import make_out_dir
+from gpt2study.e2e_release import SPLIT_FILES, fetch_release, group_by_mr, parse_pairs_csv, read_source_file
+from gpt2study.tokenizer import EOT, encode, encode_batch
+from model import UserError
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "prepared"
 PREPARE_CMD = "python data/e2e/prepare.py --src ../shared/data/e2e/e2e-dataset.zip"

@@ -24,8 +24,8 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS, PTBTokenizer
 
-from common import UserError
-from data.e2e.release import group_by_mr, parse_pairs_csv, read_split
+from gpt2study.e2e_release import group_by_mr, parse_pairs_csv, read_split
+from model import UserError
 
 METRICS = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
 JAVA_METRICS = ("METEOR", "ROUGE_L", "CIDEr")  # those whose official form needs Java (METEOR jar, PTB tokeniser)

@@ -1,6 +1,6 @@
 """Benchmarks of the Triton kernels (kernels/) against PyTorch, bf16, on a CUDA GPU.
 
-    python bench/kernels.py [--quick] [--out=results.md] [--peak_tflops=989]
+    python bench/kernel_speed.py [--quick] [--out=results.md] [--peak_tflops=989]
 
 Sections: causal attention forward and forward+backward against SDPA's flash backend and a naive materialized
 softmax; LoRA linear forward and forward+backward against the unfused PyTorch version and the frozen base GEMM
@@ -25,10 +25,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common import load_config, run_main, setting
-from trainer import peak_flops_of
+from gpt2study.cli import load_config, run_main
+from gpt2study.training import peak_flops_of
+from model import setting
 
 # Dense bf16 tensor-core peaks (TFLOP/s) for MFU, matched against the device name.
 
@@ -314,7 +313,7 @@ def train_step_rows(quick, peak_tflops):
 def main():
     cfg = load_config(KernelBenchConfig, sys.argv[1:], doc=__doc__)
     if not torch.cuda.is_available():
-        print("bench/kernels.py needs a CUDA GPU; none here, nothing to benchmark.")
+        print("bench/kernel_speed.py needs a CUDA GPU; none here, nothing to benchmark.")
         return
     import triton
 

@@ -11,9 +11,9 @@ import re
 import zipfile
 from pathlib import Path
 
-from common import UserError
-from data.text.dataset import write_dataset
-from download import download
+from gpt2study.download import download
+from gpt2study.text_data import write_dataset
+from model import UserError
 
 DEFAULT_OUT = Path(__file__).resolve().parent
 ZIP_NAME = "wikitext-103-raw-v1.zip"

@@ -11,7 +11,7 @@ transformers: a model it downloaded is found without a second download).
 
 from pathlib import Path
 
-from common import UserError
+from model import UserError
 
 HF_GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 HUB_ORG = "openai-community"  # the Hub's home of OpenAI's GPT-2 since 2024; plain "gpt2" was its old id
