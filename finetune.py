@@ -11,12 +11,12 @@ tokens only, never the prompt.
 
 import dataclasses
 import sys
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from gpt2study.checkpoints import ADAPTER_FILE, check_out_dir, resumed_settings, run_info
+from gpt2study.checkpoints import ADAPTER_FILE, check_out_dir, refuse_contradictions, resumed_settings, run_info
 from gpt2study.cli import load_config, pick, run_main
 from gpt2study.e2e_data import ensure_prepared, load_prepared
 from gpt2study.loading import load_base, resolve
@@ -67,12 +67,10 @@ def load_data(cfg: FinetuneConfig, rt) -> tuple[E2EPairs, E2EPairs]:
 
 
 def resumed_lora(cfg: FinetuneConfig, recorded: dict) -> LoRAConfig:
-    """The LoRA the resumed run trains; a setting given that says otherwise is refused, not ignored."""
+    """The LoRA the resumed run trains."""
     lora = LoRAConfig(**recorded)
-    for f in fields(LoRAConfig):
-        if f.name in cfg.given and getattr(cfg, f.name) != getattr(lora, f.name):
-            raise UserError(f"--init_from=resume: the run in {cfg.out_dir} trains {f.name}={getattr(lora, f.name)!r}, "
-                            f"not {getattr(cfg, f.name)!r}; drop the setting or start a new run in another --out_dir")
+    refuse_contradictions(cfg, asdict(lora), f"--init_from=resume: the run in {cfg.out_dir}",
+                          "drop the setting or start a new run in another --out_dir")
     return lora
 
 

@@ -194,7 +194,8 @@ class LoRAEmbedding(nn.Module):
 # ----------------------------------------------------------------------------- injection
 
 
-def _lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    """(name, layer) of every LoRA layer in the model, in module order."""
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):
             yield name, m
@@ -203,7 +204,7 @@ def _lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
 def inject_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     """Replace the target Linear layers of every block by LoRALinear (in place) and freeze
     everything but the LoRA weights. Returns the model."""
-    if any(True for _ in _lora_modules(model)):
+    if any(True for _ in lora_layers(model)):
         raise UserError("the model already has LoRA adapters: inject_lora was called twice")
     blocks = getattr(getattr(model, "transformer", None), "h", None)
     if blocks is None:
@@ -237,7 +238,7 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
 
 def lora_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """(name, parameter) of every LoRA weight, named as in model.named_parameters()."""
-    for name, m in _lora_modules(model):
+    for name, m in lora_layers(model):
         yield from m.lora_A.named_parameters(prefix=f"{name}.lora_A")
         yield from m.lora_B.named_parameters(prefix=f"{name}.lora_B")
 
@@ -248,14 +249,14 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every update into its base weight (W += α/r · B A, in float32) for fast inference."""
-    for _, m in _lora_modules(model):
+    for _, m in lora_layers(model):
         m.merge()
     return model
 
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
     """Undo merge_lora, restoring the exact original base weights."""
-    for _, m in _lora_modules(model):
+    for _, m in lora_layers(model):
         m.unmerge()
     return model
 
@@ -263,7 +264,7 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge every update into its base weight for good and put the plain Linear layers back:
     the result is an ordinary model (GPT.save writes it like any other), without the adapter."""
-    for name, m in list(_lora_modules(model)):
+    for name, m in list(lora_layers(model)):
         m.merge()
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf, m.base)
@@ -286,7 +287,7 @@ def _base_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     not LoRA is injected or merged."""
     lora_ids = {id(p) for _, p in lora_parameters(model)}
     renames, unmerged = {}, {}
-    for name, m in _lora_modules(model):
+    for name, m in lora_layers(model):
         renames[f"{name}.base"] = name
         if m.merged:
             unmerged[id(m.base.weight)] = m._unmerged_weight
@@ -393,7 +394,7 @@ def load_adapter(model: nn.Module, path) -> LoRAConfig:
         raise UserError(f"adapter {path} has lora_r={cfg.lora_r}, lora_alpha={cfg.lora_alpha:g}, lora_targets="
                         f"{list(cfg.lora_targets)}; the model's LoRA has lora_r={have.lora_r}, lora_alpha="
                         f"{have.lora_alpha:g}, lora_targets={list(have.lora_targets)}")
-    if any(m.merged for _, m in _lora_modules(model)):
+    if any(m.merged for _, m in lora_layers(model)):
         raise UserError("the model's LoRA is merged: unmerge_lora before loading another adapter")
     saved, params = load_file(str(path)), dict(lora_parameters(model))
     if saved.keys() != params.keys() or any(saved[k].shape != p.shape for k, p in params.items()):

@@ -9,7 +9,8 @@ GPT2LMHeadModel so that OpenAI's released weights load by name.
 
 import json
 import math
-import warnings
+import os
+import sys
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -65,10 +66,11 @@ class GPTConfig(ModelOptions):
 _warned = set()
 
 
-def _warn_once(message: str) -> None:
-    if message not in _warned:
+def warn_once(message: str) -> None:
+    """`warning: message` on stderr, once per process, and only from the first of several (torchrun's RANK 0)."""
+    if message not in _warned and os.environ.get("RANK", "0") == "0":
         _warned.add(message)
-        warnings.warn(message, stacklevel=3)
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def attention(q, k, v, mask, dropout_p: float, impl: str):
@@ -83,9 +85,9 @@ def attention(q, k, v, mask, dropout_p: float, impl: str):
         from kernels import causal_attention, triton_available
 
         if not triton_available(q):
-            _warn_once("attn_impl='triton' needs a CUDA tensor (or TRITON_INTERPRET=1): using PyTorch SDPA")
+            warn_once("attn_impl='triton' needs a CUDA tensor (or TRITON_INTERPRET=1): using PyTorch SDPA")
         elif dropout_p > 0:
-            _warn_once("the Triton attention kernel has no dropout: using PyTorch SDPA while attention dropout is on")
+            warn_once("the Triton attention kernel has no dropout: using PyTorch SDPA while attention dropout is on")
         else:
             return causal_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpt2study.checkpoints import MODEL_FILE, check_out_dir, resumed_settings, run_info
+from gpt2study.checkpoints import MODEL_FILE, check_out_dir, refuse_contradictions, resumed_settings, run_info
 from gpt2study.cli import load_config, pick, run_main
 from gpt2study.loading import load_base
 from gpt2study.settings import PretrainConfig
@@ -74,13 +74,9 @@ def build_model(cfg: PretrainConfig, resume_from: Path | None) -> GPT:
         model, source = GPT.from_file(resume_from / MODEL_FILE, **options), f"the run in {cfg.out_dir}"
     else:
         model, source = load_base(cfg.init_from, **options), f"init_from={cfg.init_from}"
-    # the weights decide the architecture: a setting that says otherwise is refused, not ignored
-    have = model.config.architecture()
-    changed = [k for k in have if k in cfg.given and getattr(cfg, k) != have[k]]
-    if changed:
-        k = changed[0]
-        raise UserError(f"{source} has {k}={have[k]}, not {getattr(cfg, k)}: drop the setting, or start "
-                        f"from scratch in another --out_dir")
+    # the weights decide the architecture
+    refuse_contradictions(cfg, model.config.architecture(), source,
+                          "drop the setting, or start from scratch in another --out_dir")
     return model
 
 

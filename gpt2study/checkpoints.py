@@ -13,19 +13,17 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from gpt2study.cli import check_settings, coerce, field_types
-from model import UserError
+from model import UserError, warn_once
 
 MODEL_FILE, ADAPTER_FILE = "model.safetensors", "adapter.safetensors"
 CKPT, CKPT_TMP, CKPT_OLD, CKPT_BAD = "checkpoint", "checkpoint.tmp", "checkpoint.old", "checkpoint.bad"
 STATE_FILE = "train_state.pt"
-_warned: set[str] = set()
 
 
 def _first_line(e: Exception) -> str:
@@ -95,12 +93,6 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     return None
 
 
-def _warn(message: str) -> None:
-    if message not in _warned and os.environ.get("RANK", "0") == "0":
-        _warned.add(message)
-        print(f"warning: {message}", file=sys.stderr)
-
-
 def find_checkpoint(out_dir) -> Path | None:
     """The run's newest intact checkpoint folder: checkpoint/, else checkpoint.old/ (with a
     warning when checkpoint/ is there but broken); None when the run has none. A run whose
@@ -113,7 +105,7 @@ def find_checkpoint(out_dir) -> Path | None:
         problem = checkpoint_problem(ckpt)
         if problem is None:
             if problems:
-                _warn(f"{problems[0]}; using {ckpt} (step {run_info(ckpt)['step']}), the checkpoint before it")
+                warn_once(f"{problems[0]}; using {ckpt} (step {run_info(ckpt)['step']}), the checkpoint before it")
             return ckpt
         problems.append(problem)
     if problems:
@@ -207,3 +199,11 @@ def resumed_settings(cfg, ckpt: Path):
     resumed.given = cfg.given
     check_settings(resumed)
     return resumed
+
+
+def refuse_contradictions(cfg, fixed: dict, source: str, remedy: str) -> None:
+    """A setting given now (config file or command line) that contradicts what `source` fixes (the weights'
+    architecture, a resumed run's LoRA) is refused in one line, not printed and then ignored."""
+    for key, value in fixed.items():
+        if key in cfg.given and getattr(cfg, key) != value:
+            raise UserError(f"{source} has {key}={value!r}, not {getattr(cfg, key)!r}: {remedy}")

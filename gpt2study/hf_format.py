@@ -245,10 +245,6 @@ def check_peft_exportable(cfg: "lora.LoRAConfig") -> None:
                         "cannot hold exactly: export the merged model instead (--merged)")
 
 
-def _lora_linears(model):
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, lora.LoRALinear)]
-
-
 def peft_adapter(model) -> tuple[dict, dict[str, torch.Tensor]]:
     """(adapter_config.json as a dict, adapter_model.safetensors' tensors) of the model's LoRA."""
     cfg = getattr(model, "lora_config", None)
@@ -256,7 +252,7 @@ def peft_adapter(model) -> tuple[dict, dict[str, torch.Tensor]]:
         raise UserError("the model has no LoRA adapters to export")
     check_peft_exportable(cfg)
     tensors, targets, rank_pattern, alpha_pattern = {}, set(), {}, {}
-    for name, m in _lora_linears(model):
+    for name, m in lora.lora_layers(model):
         A, B = m.lora_factors()
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A.detach().cpu().contiguous()
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B.detach().cpu().contiguous()
@@ -446,7 +442,7 @@ def load_peft_adapter(model, folder) -> "lora.LoRAConfig":
                           lora_targets=tuple({t for _, t in parts}))
     lora.inject_lora(model, cfg)
     with torch.no_grad():
-        for _, m in _lora_linears(model):
+        for _, m in lora.lora_layers(model):
             for p in (*m.lora_A.values(), *m.lora_B.values()):
                 p.zero_()  # what the adapter leaves alone stays zero, so that the model is the adapter's
         for layer, block in enumerate(model.transformer.h):

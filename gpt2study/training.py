@@ -421,6 +421,216 @@ def _check_optimizer_fits(optimizer, ckpt: Path) -> None:
                                     f"{tuple(buf.shape)} belongs to a parameter of shape {tuple(p.shape)}")
 
 
+class _Tally:
+    """The steps since the last check, kept on the device so that no step waits for it: the sums of the
+    training record in progress (loss, finite gradient norms, how many were finite), whether every loss and
+    gradient norm so far was finite, and the first step that was not, with its values."""
+
+    def __init__(self, dev: torch.device, sums: list, steps: int, step: int, scaler_skips: bool):
+        self.sums = torch.tensor(sums, dtype=torch.float32, device=dev)
+        self.steps = steps
+        self.all_finite = torch.ones((), dtype=torch.bool, device=dev)
+        self.first_bad = torch.zeros(3, dtype=torch.float32, device=dev)
+        self.step = torch.tensor(float(step), device=dev)
+        self.scaler_skips = scaler_skips  # fp16's scaler skips a step whose gradients overflow, by design
+
+    def add(self, train_loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        self.step += 1
+        norm_ok = torch.isfinite(grad_norm)
+        good = torch.isfinite(train_loss) & (norm_ok | self.scaler_skips)
+        bad_now = torch.stack([self.step, train_loss, grad_norm.float()])
+        self.first_bad = torch.where(self.all_finite & ~good, bad_now, self.first_bad)
+        self.all_finite &= good
+        self.sums += torch.stack([train_loss, torch.where(norm_ok, grad_norm, 0.0), norm_ok.float()])
+        self.steps += 1
+
+    def take_record(self, rt: Runtime) -> tuple[float, float | None]:
+        """The mean loss and gradient norm since the last record (averaged over the processes); starts anew."""
+        if rt.ddp:
+            dist.all_reduce(self.sums, op=dist.ReduceOp.AVG)
+        loss_total, norm_total, norms = self.sums.tolist()
+        mean_loss, mean_norm = loss_total / max(self.steps, 1), norm_total / norms if norms else None
+        self.sums.zero_()
+        self.steps = 0
+        return mean_loss, mean_norm
+
+
+class _Loop:
+    """`fit`'s state and its pieces: restore, step, check, evaluate, checkpoint."""
+
+    def __init__(self, cfg: TrainConfig, rt: Runtime, model, train_set, val_set, export, run_info: dict):
+        self.cfg, self.rt, self.raw, self.model = cfg, rt, model, model
+        self.train_set, self.val_set, self.export = train_set, val_set, export
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(model, cfg, rt.device)
+        self.global_batch = cfg.batch_size * cfg.grad_accum * rt.world
+        self.sampler = EpochSampler(len(train_set), self.global_batch, cfg.seed)
+        self.total = cfg.max_iters or max(1, math.ceil(cfg.epochs * self.sampler.steps_per_epoch))
+        self.eval_every = cfg.eval_interval or self.sampler.steps_per_epoch
+        self.ckpt_every = cfg.ckpt_interval or self.eval_every
+        self.step, self.last_eval, self.tokens_seen, self.last_ckpt = 0, {}, 0, None
+        self.log_sums, self.log_steps = [0.0, 0.0, 0.0], 0
+        self.run_info = {**run_info, "train": asdict(cfg), "total_steps": self.total,
+                         "global_batch": self.global_batch, "processes": rt.world}
+
+    def restore(self, ckpt: Path) -> bool:
+        """Continue from a checkpoint's optimizer, schedule and data position (its weights are loaded
+        already); True when that run is already complete."""
+        state = load_train_state(ckpt)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise UserError(f"{ckpt / STATE_FILE} does not fit the model ({str(e)[:150]})") from None
+        _check_optimizer_fits(self.optimizer, ckpt)
+        self.rt.scaler.load_state_dict(state["scaler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.step, self.last_eval = state["step"], state.get("last_eval", {})
+        self.log_sums, self.log_steps = state.get("log", (self.log_sums, self.log_steps))
+        self.tokens_seen, self.last_ckpt = state.get("tokens_seen", 0), self.step
+        if self.step > self.total:
+            raise UserError(f"the run in {self.cfg.out_dir} is at step {self.step}, past the {self.total} steps "
+                            f"asked for: raise max_iters or epochs to continue it")
+        if self.step == self.total and self.rt.master:
+            print(f"the run in {self.cfg.out_dir} is complete (step {self.step} of {self.total}): nothing to do")
+        return self.step == self.total
+
+    def wrap_model(self) -> None:
+        """Compile and DDP wrap the model that steps run through; evaluation and checkpoints use the raw one."""
+        if self.cfg.compile:
+            self.model = torch.compile(self.model)
+        if self.rt.ddp:
+            from torch.nn.parallel import DistributedDataParallel
+
+            cuda = self.rt.device.type == "cuda"
+            self.model = DistributedDataParallel(self.model, device_ids=[self.rt.local_rank] if cuda else None)
+
+    def stop_not_finite(self, what: str):
+        kept = f"the last good checkpoint (step {self.last_ckpt}) is kept in {self.cfg.out_dir}" \
+            if self.last_ckpt is not None else "no checkpoint was written"
+        raise UserError(f"{what}; stopped, {kept}. Lower lr, raise warmup_iters, or use dtype=bfloat16 instead of "
+                        f"float16")
+
+    def train_step(self, tally: _Tally) -> tuple[float, int]:
+        """One optimizer step over a global batch, this process's share of it; (lr, tokens read)."""
+        cfg, rt, dev = self.cfg, self.rt, self.rt.device
+        lr = lr_at(self.step, self.total, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batch = self.sampler.next_batch()
+        loss_sum, tokens = torch.zeros((), device=dev), 0
+        for micro in range(cfg.grad_accum):
+            shard = micro * rt.world + rt.rank  # this micro-batch's place in the global batch
+            torch.manual_seed(micro_batch_seed(cfg.seed, self.step, shard))
+            x, y = self.train_set.batch(batch[shard * cfg.batch_size:(shard + 1) * cfg.batch_size])
+            if dev.type == "cuda":  # a copy from pinned memory does not wait for the device
+                x, y = x.pin_memory(), y.pin_memory()
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            tokens += x.numel() * rt.world  # padding included: what the model read
+            # DDP averages gradients across processes only on the last micro-batch
+            sync = not rt.ddp or micro == cfg.grad_accum - 1
+            with (contextlib.nullcontext() if sync else self.model.no_sync()), rt.autocast():
+                _, loss = self.model(x, y, label_smoothing=cfg.label_smoothing)
+            rt.scaler.scale(loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach()
+        rt.scaler.unscale_(self.optimizer)
+        if cfg.grad_clip:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        rt.scaler.step(self.optimizer)
+        rt.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        tally.add(loss_sum / cfg.grad_accum, grad_norm)
+        self.seq_len = x.size(1)
+        return lr, tokens
+
+    def check(self, tally: _Tally, stop: _StopRequest) -> int:
+        """The one place the host waits for the device (and the processes agree): a step that was not finite
+        stops the run; returns the signal that asks it to stop, or 0."""
+        dev = self.rt.device
+        flags = torch.stack([(~tally.all_finite).float(), torch.tensor(float(stop.signum or 0), device=dev)])
+        if self.rt.ddp:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            dist.all_reduce(tally.first_bad, op=dist.ReduceOp.MAX)
+        bad, signum = flags.tolist()
+        if bad:
+            at, bad_loss, bad_norm = tally.first_bad.tolist()
+            self.stop_not_finite(f"the training loss is {bad_loss:g} (gradient norm {bad_norm:g}) at step {int(at)}")
+        return int(signum)
+
+    def evaluate(self, log: RunLog) -> None:
+        self.last_eval = evaluate(self.raw, self.val_set, self.cfg, self.rt)
+        if not math.isfinite(self.last_eval["loss"]):
+            self.stop_not_finite(f"the validation loss is {self.last_eval['loss']:g} at step {self.step}")
+        log.record(self.step, "val", {**self.last_eval, "tokens_seen": self.tokens_seen})
+        log.write(f"step {self.step}: val loss {self.last_eval['loss']:.4f}, perplexity "
+                  f"{self.last_eval['perplexity']:.2f}, accuracy {self.last_eval['accuracy']:.4f}")
+
+    def checkpoint(self, tally: _Tally) -> None:
+        """Only from a state whose weights are finite (the losses were checked just before)."""
+        if not torch.isfinite(torch.nn.utils.get_total_norm(self.params)):
+            self.stop_not_finite(f"the weights are not finite after step {self.step}")
+        if self.rt.ddp:  # every process holds the record's sums of all of them, for any process count to resume
+            dist.all_reduce(tally.sums, op=dist.ReduceOp.AVG)
+        if self.rt.master:
+            state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "scaler": self.rt.scaler.state_dict(),
+                     "sampler": self.sampler.state_dict(), "last_eval": self.last_eval,
+                     "log": (tally.sums.tolist(), tally.steps), "global_batch": self.global_batch,
+                     "tokens_seen": self.tokens_seen}
+            save_checkpoint(self.cfg.out_dir, self.export, state, {**self.run_info, "step": self.step})
+        if self.rt.ddp:
+            dist.barrier()
+        self.last_ckpt = self.step
+
+    def run(self) -> dict:
+        cfg, rt, total = self.cfg, self.rt, self.total
+        self.wrap_model()
+        log = RunLog(cfg, rt, self.step, total)
+        peak = peak_flops(cfg, rt.device)
+        tally = _Tally(rt.device, self.log_sums, self.log_steps, self.step, rt.scaler.is_enabled())
+        stop = _StopRequest(quiet=not rt.master)
+        self.model.train()
+        t_last, tokens_since = time.perf_counter(), 0
+        try:
+            while self.step < total:
+                lr, tokens = self.train_step(tally)
+                tokens_since += tokens
+                self.tokens_seen += tokens
+                step = self.step
+                record_now = step % cfg.log_interval == 0 or step == total
+                eval_now = step % self.eval_every == 0 or step == total
+                ckpt_now = step % self.ckpt_every == 0 or step == total
+                if not (record_now or eval_now or ckpt_now or (stop.signum and not rt.ddp)):
+                    log.advance()
+                    continue
+                signum = self.check(tally, stop)
+                if record_now:
+                    mean_loss, mean_norm = tally.take_record(rt)
+                    tok_s = tokens_since / (time.perf_counter() - t_last)
+                    mfu = tok_s * flops_per_token(self.raw, self.seq_len) / peak if peak else None
+                    log.record(step, "train", {"loss": mean_loss, "lr": lr, "grad_norm": mean_norm,
+                                               "tokens_per_s": tok_s, "mfu": mfu,
+                                               "epoch": step / self.sampler.steps_per_epoch,
+                                               "tokens_seen": self.tokens_seen})
+                    log.advance(loss=f"{mean_loss:.3f}", tok_s=f"{tok_s:.0f}")
+                    t_last, tokens_since = time.perf_counter(), 0
+                else:
+                    log.advance()
+                if eval_now:
+                    self.evaluate(log)
+                if ckpt_now or signum:
+                    self.checkpoint(tally)
+                if signum:
+                    log.write(f"stopped by {signal.Signals(signum).name} at step {step} of {total}, checkpoint "
+                              f"saved; continue with --init_from=resume")
+                    raise SystemExit(128 + signum)
+        finally:
+            stop.restore()
+            log.close()
+        return self.last_eval
+
+
 def fit(cfg: TrainConfig, rt: Runtime, model, train_set, val_set, export: Callable[[Path], None],
         run_info: dict, resume_from: Path | None = None) -> dict:
     """Train `model`'s trainable parameters; returns the last evaluation's metrics.
@@ -436,168 +646,7 @@ def fit(cfg: TrainConfig, rt: Runtime, model, train_set, val_set, export: Callab
     finite, and the last one kept is good. A signal ends the run with SystemExit(128 + signum)
     after a checkpoint.
     """
-    raw = model
-    params = [p for p in raw.parameters() if p.requires_grad]
-    optimizer = make_optimizer(raw, cfg, rt.device)
-    global_batch = cfg.batch_size * cfg.grad_accum * rt.world
-    sampler = EpochSampler(len(train_set), global_batch, cfg.seed)
-    total = cfg.max_iters or max(1, math.ceil(cfg.epochs * sampler.steps_per_epoch))
-    eval_every = cfg.eval_interval or sampler.steps_per_epoch
-    ckpt_every = cfg.ckpt_interval or eval_every
-    step, last_eval, log_sums, log_steps, tokens_seen = 0, {}, [0.0, 0.0, 0.0], 0, 0
-    if resume_from is not None:
-        state = load_train_state(resume_from)
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise UserError(f"{resume_from / STATE_FILE} does not fit the model ({str(e)[:150]})") from None
-        _check_optimizer_fits(optimizer, resume_from)
-        rt.scaler.load_state_dict(state["scaler"])
-        sampler.load_state_dict(state["sampler"])
-        step, last_eval = state["step"], state.get("last_eval", {})
-        log_sums, log_steps = state.get("log", (log_sums, log_steps))
-        tokens_seen = state.get("tokens_seen", 0)
-        if step >= total:
-            if step > total:
-                raise UserError(f"the run in {cfg.out_dir} is at step {step}, past the {total} steps asked for: "
-                                f"raise max_iters or epochs to continue it")
-            if rt.master:
-                print(f"the run in {cfg.out_dir} is complete (step {step} of {total}): nothing to do")
-            return last_eval
-    if cfg.compile:
-        model = torch.compile(model)
-    if rt.ddp:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
-
-    log = RunLog(cfg, rt, step, total)
-    peak = peak_flops(cfg, rt.device)
-    last_ckpt = step if resume_from is not None else None
-    run_info = {**run_info, "train": asdict(cfg), "total_steps": total, "global_batch": global_batch,
-                "processes": rt.world}
-    dev = rt.device
-    # On the device, so that no step waits for it: the training record in progress (loss sum,
-    # gradient norm sum, finite gradient norms counted), whether every loss and gradient norm so
-    # far was finite, and the first step that was not, with its values.
-    sums = torch.tensor(log_sums, dtype=torch.float32, device=dev)
-    all_finite = torch.ones((), dtype=torch.bool, device=dev)
-    first_bad = torch.zeros(3, dtype=torch.float32, device=dev)
-    step_t = torch.tensor(float(step), device=dev)
-    # fp16's gradient scaler skips a step whose gradients overflow, by design: that is no failure
-    scaler_skips = rt.scaler.is_enabled()
-
-    def stop_not_finite(what: str):
-        kept = f"the last good checkpoint (step {last_ckpt}) is kept in {cfg.out_dir}" if last_ckpt is not None \
-            else "no checkpoint was written"
-        raise UserError(f"{what}; stopped, {kept}. Lower lr, raise warmup_iters, or use dtype=bfloat16 instead of "
-                        f"float16")
-
-    def checkpoint():
-        nonlocal last_ckpt
-        if not torch.isfinite(torch.nn.utils.get_total_norm(params)):
-            stop_not_finite(f"the weights are not finite after step {step}")
-        if rt.ddp:  # every process holds the record's sums of all of them, for any process count to resume
-            dist.all_reduce(sums, op=dist.ReduceOp.AVG)
-        if rt.master:
-            state = {"step": step, "optimizer": optimizer.state_dict(), "scaler": rt.scaler.state_dict(),
-                     "sampler": sampler.state_dict(), "last_eval": last_eval, "log": (sums.tolist(), log_steps),
-                     "global_batch": global_batch, "tokens_seen": tokens_seen}
-            save_checkpoint(cfg.out_dir, export, state, {**run_info, "step": step})
-        if rt.ddp:
-            dist.barrier()
-        last_ckpt = step
-
-    stop = _StopRequest(quiet=not rt.master)
-    model.train()
-    t_last, tokens_since = time.perf_counter(), 0
-    pin = dev.type == "cuda"  # a copy from pinned memory does not wait for the device
-    try:
-        while step < total:
-            lr = lr_at(step, total, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batch = sampler.next_batch()
-            loss_sum = torch.zeros((), device=dev)
-            for micro in range(cfg.grad_accum):
-                shard = micro * rt.world + rt.rank  # this micro-batch's place in the global batch
-                torch.manual_seed(micro_batch_seed(cfg.seed, step, shard))
-                start = shard * cfg.batch_size
-                x, y = train_set.batch(batch[start:start + cfg.batch_size])
-                if pin:
-                    x, y = x.pin_memory(), y.pin_memory()
-                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-                tokens_since += x.numel() * rt.world
-                tokens_seen += x.numel() * rt.world  # padding included: what the model read
-                # DDP averages gradients across processes only on the last micro-batch
-                sync = not rt.ddp or micro == cfg.grad_accum - 1
-                with (contextlib.nullcontext() if sync else model.no_sync()), rt.autocast():
-                    _, loss = model(x, y, label_smoothing=cfg.label_smoothing)
-                rt.scaler.scale(loss / cfg.grad_accum).backward()
-                loss_sum += loss.detach()
-            rt.scaler.unscale_(optimizer)
-            if cfg.grad_clip:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            else:
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            rt.scaler.step(optimizer)
-            rt.scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            step_t += 1
-            train_loss = loss_sum / cfg.grad_accum
-            norm_ok = torch.isfinite(grad_norm)
-            good = torch.isfinite(train_loss) & (norm_ok | scaler_skips)
-            first_bad = torch.where(all_finite & ~good, torch.stack([step_t, train_loss, grad_norm.float()]), first_bad)
-            all_finite &= good
-            sums += torch.stack([train_loss, torch.where(norm_ok, grad_norm, 0.0), norm_ok.float()])
-            log_steps += 1
-
-            record_now = step % cfg.log_interval == 0 or step == total
-            eval_now = step % eval_every == 0 or step == total
-            ckpt_now = step % ckpt_every == 0 or step == total
-            if not (record_now or eval_now or ckpt_now or (stop.signum and not rt.ddp)):
-                log.advance()
-                continue
-            # a check: the one place the host waits for the device (and the processes agree)
-            flags = torch.stack([(~all_finite).float(), torch.tensor(float(stop.signum or 0), device=dev)])
-            if rt.ddp:
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
-            bad, signum = flags.tolist()
-            if bad:
-                at, bad_loss, bad_norm = first_bad.tolist()
-                stop_not_finite(f"the training loss is {bad_loss:g} (gradient norm {bad_norm:g}) at step {int(at)}")
-            if record_now:
-                if rt.ddp:
-                    dist.all_reduce(sums, op=dist.ReduceOp.AVG)
-                loss_total, norm_total, norms = sums.tolist()
-                mean_loss = loss_total / max(log_steps, 1)
-                tok_s = tokens_since / (time.perf_counter() - t_last)
-                mfu = tok_s * flops_per_token(raw, x.size(1)) / peak if peak else None
-                log.record(step, "train", {"loss": mean_loss, "lr": lr, "grad_norm": norm_total / norms if norms
-                                           else None, "tokens_per_s": tok_s, "mfu": mfu,
-                                           "epoch": step / sampler.steps_per_epoch, "tokens_seen": tokens_seen})
-                log.advance(loss=f"{mean_loss:.3f}", tok_s=f"{tok_s:.0f}")
-                sums.zero_()
-                log_steps, t_last, tokens_since = 0, time.perf_counter(), 0
-            else:
-                log.advance()
-            if eval_now:
-                last_eval = evaluate(raw, val_set, cfg, rt)
-                if not math.isfinite(last_eval["loss"]):
-                    stop_not_finite(f"the validation loss is {last_eval['loss']:g} at step {step}")
-                log.record(step, "val", {**last_eval, "tokens_seen": tokens_seen})
-                log.write(f"step {step}: val loss {last_eval['loss']:.4f}, perplexity {last_eval['perplexity']:.2f}, "
-                          f"accuracy {last_eval['accuracy']:.4f}")
-            if ckpt_now or signum:
-                checkpoint()
-            if signum:
-                name = signal.Signals(int(signum)).name
-                log.write(f"stopped by {name} at step {step} of {total}, checkpoint saved; continue with "
-                          f"--init_from=resume")
-                raise SystemExit(128 + int(signum))
-    finally:
-        stop.restore()
-        log.close()
-    return last_eval
+    loop = _Loop(cfg, rt, model, train_set, val_set, export, run_info)
+    if resume_from is not None and loop.restore(resume_from):
+        return loop.last_eval
+    return loop.run()

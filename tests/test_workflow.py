@@ -143,7 +143,7 @@ def test_a_resumed_lora_run_trains_and_reports_its_own_settings(base_run, e2e_da
     assert r.returncode == 0, r.stderr
     r = run_entry(finetune, finetune_args(base_run, e2e_data, out, max_iters=4, init_from="resume", lora_r=8),
                   monkeypatch, capsys)
-    assert_one_line_error(r, "trains lora_r=2, not 8")
+    assert_one_line_error(r, "has lora_r=2, not 8")
     r = run_entry(finetune, [f"--out_dir={out}", "--init_from=resume", "--max_iters=4"], monkeypatch, capsys)
     assert r.returncode == 0, r.stderr
     assert "LoRA r=2 alpha=32 on q, k" in r.stdout
