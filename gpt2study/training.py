@@ -28,6 +28,7 @@ import torch.distributed as dist
 from gpt2study.checkpoints import STATE_FILE, load_train_state, save_checkpoint
 from gpt2study.checkpoints import run_info as checkpoint_info
 from gpt2study.cli import DEVICE_HELP, resolve_device
+from gpt2study.files import write_atomic
 from model import UserError, setting
 
 
@@ -273,9 +274,7 @@ class RunLog:
                 continue
             if step <= start:
                 keep.append(line + "\n")
-        tmp = self.jsonl.with_name(self.jsonl.name + ".tmp")
-        tmp.write_text("".join(keep))
-        os.replace(tmp, self.jsonl)  # a kill now leaves the old file or the new, never half of one
+        write_atomic(self.jsonl, "".join(keep))
         if torn:
             print(f"warning: {self.jsonl}: dropped {torn} unreadable line(s), torn by a crash", file=sys.stderr)
 
