@@ -1,7 +1,7 @@
 """Beam-search speed: our decoding.beam_search against transformers' GPT2LMHeadModel.generate.
 
     python bench/beam.py [--n=20] [--batch=10] [--round=100] [--no_refill] [--model=RUN_OR_FILE [--adapter=ADAPTER]]
-                         [--csv=testset_w_refs.csv]
+                         [--data_dir=data/e2e/prepared]
 
 Both decode the first --n MRs of the E2E test set (prompt: linearised MR + " ||") with beam 10,
 length penalty 0.8, no repeated 4-gram, at most 64 new tokens, stop at EOT, on the same
@@ -41,10 +41,11 @@ import torch
 
 from gpt2study.cli import load_config, run_main
 from gpt2study.decoding import beam_search, left_pad
-from gpt2study.tokenizer import EOT, encode_batch
+from gpt2study.e2e_data import DEFAULT_OUT as E2E_DATA
+from gpt2study.e2e_data import ensure_prepared, load_prepared
+from gpt2study.tokenizer import EOT
 from model import GPT, GPTConfig, UserError, setting
 
-DEFAULT_CSV = Path(__file__).resolve().parents[2] / "shared/data/e2e/testset_w_refs.csv"
 SEARCH = dict(beam_size=10, length_penalty=0.8, no_repeat_ngram_size=4, max_new_tokens=64)
 
 
@@ -56,20 +57,15 @@ class BeamBenchConfig:
     no_refill: bool = setting(False, "ours a batch at a time too (no continuous batching)")
     model: str = setting("", "a model of ours: run folder or .safetensors (default: random weights)")
     adapter: str = setting("", "with --model: a LoRA adapter to merge into it")
-    csv: str = setting(str(DEFAULT_CSV), "E2E test set")
+    data_dir: str = setting(str(E2E_DATA), "prepared E2E data (data/e2e/prepare.py); the default is prepared "
+                            "on first use")
     seed: int = setting(0, "seed of the random weights")
     threads: int = setting(0, "CPU threads (0: torch's choice)", at_least=0)
 
 
-def read_prompts(path: Path, n: int) -> list[str]:
-    """The first n distinct MRs of an E2E CSV as prompts, formatted as fine-tuning formats them."""
-    from gpt2study.e2e_data import format_prompt
-    from gpt2study.e2e_release import group_by_mr, parse_pairs_csv
-
-    if not path.is_file():
-        raise UserError(f"E2E test set '{path}' not found; pass --csv PATH/testset_w_refs.csv")
-    groups = group_by_mr(parse_pairs_csv(path.read_bytes(), str(path)))
-    return [format_prompt(mr) for mr, _ in groups[:n]]
+def read_prompts(data_dir: str, n: int) -> list[list[int]]:
+    """The first n test MRs as fine-tuning formats them (token ids), in test-set order."""
+    return [r["prompt"] for r in load_prepared(ensure_prepared(Path(data_dir)), "test")[:n]]
 
 
 def random_models(cfg: GPTConfig, seed: int):
@@ -123,8 +119,7 @@ def main() -> None:
     except ImportError:
         raise UserError("the bench compares against transformers: pip install transformers") from None
 
-    texts = read_prompts(Path(args.csv), args.n)
-    prompts = encode_batch(texts)
+    prompts = read_prompts(args.data_dir, args.n)
     if args.model:
         from gpt2study.loading import load_model
         from lora import load_adapter, merge_and_unload

@@ -16,7 +16,7 @@ from gpt2study.e2e_release import SPLIT_FILES, fetch_release, group_by_mr, parse
 from gpt2study.tokenizer import EOT, encode, encode_batch
 from model import UserError
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "prepared"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "data" / "e2e" / "prepared"  # beside data/e2e/prepare.py
 PREPARE_CMD = "python data/e2e/prepare.py --src ../shared/data/e2e/e2e-dataset.zip"
 
 # One `key[value]` pair of an MR and the comma or end that follows it. Keys exclude ':' and values '|'

@@ -15,7 +15,7 @@ from gpt2study.download import download
 from gpt2study.text_data import write_dataset
 from model import UserError
 
-DEFAULT_OUT = Path(__file__).resolve().parent
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "data" / "wikitext103"  # beside data/wikitext103/prepare.py
 ZIP_NAME = "wikitext-103-raw-v1.zip"
 # The release as Salesforce published it: 191,984,949 bytes; the sha256 is the one the Hub shows in the
 # Git LFS details of both copies below, and the one a Julia DataDeps registration pins for the original
