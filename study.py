@@ -34,6 +34,7 @@ from pathlib import Path
 
 from gpt2study.checkpoints import ADAPTER_FILE, MODEL_FILE, find_checkpoint, run_info
 from gpt2study.cli import load_config, run_main
+from gpt2study.folder_lock import STUDY_LOCK_FILE, hold
 from gpt2study.settings import EvalConfig, FinetuneConfig, PretrainConfig, SampleConfig, StudyConfig
 from model import UserError
 
@@ -576,6 +577,11 @@ def write_report(cfg: StudyConfig, steps: list[Step], times: Times, study_cmd: s
 
 def main():
     cfg = load_config(StudyConfig, sys.argv[1:], doc=__doc__)
+    with hold(cfg.out_dir, "study", STUDY_LOCK_FILE):  # its steps hold their own sub-folders
+        study(cfg)
+
+
+def study(cfg: StudyConfig):
     study_cmd = shlex.join(["python", "study.py", *sys.argv[1:]])
     steps = plan(cfg)
     out = Path(cfg.out_dir)
