@@ -13,7 +13,7 @@ from pathlib import Path
 
 from gpt2study.download import make_out_dir
 from gpt2study.e2e_release import SPLIT_FILES, fetch_release, group_by_mr, parse_pairs_csv, read_source_file
-from gpt2study.tokenizer import EOT, encode, encode_batch
+from gpt2study.tokenizer import EOT, VOCAB_SIZE, encode, encode_batch
 from model import UserError
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "prepared"
@@ -129,11 +129,45 @@ def load_prepared(out_dir, split: str) -> list[dict]:
         raise UserError(f"unknown E2E split '{split}'; choose one of {', '.join(SPLIT_FILES)}")
     if not path.is_file():
         raise UserError(f"no prepared E2E data at '{path}'; run: {PREPARE_CMD} --out_dir {out_dir}")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {line_no}: not JSON ({e}); rerun: {PREPARE_CMD}") from None
+    records, line_no = [], 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path} line {line_no}: not JSON ({e}); rerun: {PREPARE_CMD}") from None
+                problem = _record_problem(record, split)
+                if problem:
+                    raise UserError(f"{path} line {line_no}: {problem}; rerun: {PREPARE_CMD}")
+                records.append(record)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} line {line_no + 1}: not UTF-8 text (byte {e.start}); rerun: {PREPARE_CMD}") from None
+    if not records:
+        raise UserError(f"{path} holds no records; rerun: {PREPARE_CMD}")
     return records
+
+
+# what each split's records hold: key -> (type, its items' type)
+_FIELDS = {"train": {"mr": (str, None), "ref": (str, None), "prompt": (list, int), "target": (list, int)},
+           "test": {"mr": (str, None), "refs": (list, str), "prompt": (list, int)}}
+_FIELDS["dev"] = _FIELDS["train"]
+
+
+def _record_problem(record, split: str) -> str | None:
+    """What is wrong with one prepared record (a key missing, a wrong type, a token id that is no GPT-2
+    token), or None."""
+    if not isinstance(record, dict):
+        return "not a record (a JSON object)"
+    for key, (typ, item) in _FIELDS[split].items():
+        if key not in record:
+            return f"'{key}' is missing"
+        value = record[key]
+        if not isinstance(value, typ) or (item and not all(type(v) is item for v in value)):
+            return f"'{key}' is not a {f'list of {item.__name__}' if item else typ.__name__}"
+        if item and not value:
+            return f"'{key}' is empty"
+    bad = [t for key in ("prompt", "target") for t in record.get(key, ()) if not 0 <= t < VOCAB_SIZE]
+    if bad:
+        return f"token id {bad[0]} is not a GPT-2 token (0 to {VOCAB_SIZE - 1})"
+    return None
