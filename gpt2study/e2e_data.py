@@ -129,20 +129,19 @@ def load_prepared(out_dir, split: str) -> list[dict]:
         raise UserError(f"unknown E2E split '{split}'; choose one of {', '.join(SPLIT_FILES)}")
     if not path.is_file():
         raise UserError(f"no prepared E2E data at '{path}'; run: {PREPARE_CMD} --out_dir {out_dir}")
-    records, line_no = [], 0
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path} line {line_no}: not JSON ({e}); rerun: {PREPARE_CMD}") from None
+    records = []
+    with open(path, "rb") as f:  # bytes, decoded a line at a time: an error names its line
+        for line_no, line in enumerate(f, start=1):
+            try:
+                record = json.loads(line.decode("utf-8"))
                 problem = _record_problem(record, split)
-                if problem:
-                    raise UserError(f"{path} line {line_no}: {problem}; rerun: {PREPARE_CMD}")
-                records.append(record)
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} line {line_no + 1}: not UTF-8 text (byte {e.start}); rerun: {PREPARE_CMD}") from None
+            except UnicodeDecodeError as e:
+                problem = f"not UTF-8 text (byte {e.start})"
+            except json.JSONDecodeError as e:
+                problem = f"not JSON ({e})"
+            if problem:
+                raise UserError(f"{path} line {line_no}: {problem}; rerun: {PREPARE_CMD}")
+            records.append(record)
     if not records:
         raise UserError(f"{path} holds no records; rerun: {PREPARE_CMD}")
     return records
