@@ -164,8 +164,13 @@ def write_config(step: Step, study_cmd: str) -> None:
 def atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk, say: no half-written file, and the last whole one kept
+        tmp.unlink(missing_ok=True)
+        kept = "the earlier one is kept" if path.exists() else "nothing was written"
+        raise UserError(f"could not write {path}: {e.strerror or e}; {kept}") from None
 
 
 # ----------------------------------------------------------------------------- is a step done?

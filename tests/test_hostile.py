@@ -723,6 +723,40 @@ def test_kill_9_then_resume_at_once(token_data, tmp_path, monkeypatch, capsys):
     assert json.loads((out / LOCK_FILE).read_text())["pid"] == os.getpid()
 
 
+def rank_worker(parent: int, rank: int) -> int | None:
+    """The pid of the worker of `rank` that torchrun `parent` started, once it is there."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            env = (stat.parent / "environ").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and f"\0RANK={rank}\0".encode() in b"\0" + env:
+            return int(stat.parent.name)
+    return None
+
+
+def test_one_of_two_processes_dies(token_data, tmp_path, monkeypatch, capsys):
+    """torchrun with 2 processes; rank 1 is killed (-9) after a checkpoint: the run ends with a
+    failure, the folder is free at once, and the run resumes on one process from its last
+    checkpoint, which is intact."""
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train.py", *tiny_train_args(token_data, out, max_iters=10_000, ckpt_interval=2,
+                                                       eval_interval=10_000)],
+                         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, **ONE_THREAD})
+    wait_for(lambda: checkpoint_step(out) >= 2)
+    os.kill(rank_worker(p.pid, 1), signal.SIGKILL)
+    p.communicate(timeout=120)
+    assert p.returncode != 0
+    step = checkpoint_step(out)
+    r = run_entry(train, [f"--out_dir={out}", "--init_from=resume", "--grad_accum=2", f"--max_iters={step + 2}"],
+                  monkeypatch, capsys)
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    assert [x["step"] for x in records(out)][-2:] == [step + 1, step + 2]
+
+
 def test_a_live_runs_logs_are_never_set_aside(tmp_path, hold_elsewhere):
     """RunLog moves an earlier run's logs aside only when no process holds the folder."""
     from gpt2study.settings import PretrainConfig
@@ -911,3 +945,28 @@ def test_ctrl_c_during_a_prompt_file_of_100000_lines(sample_run, tmp_path):
     lines = out.read_text().splitlines()
     assert lines[0].startswith("# ") and len(lines) > 5
     assert all(line.startswith(f"Prompt number {i}") for i, line in enumerate(lines[1:]))
+
+
+def test_a_full_disk_while_the_study_writes_its_report(tmp_path, monkeypatch, capsys):
+    """The disk fills up while study.py writes study.md (its steps are not run here: the fault is in
+    the report): one line naming the file, the earlier report kept whole, no temporary file left."""
+    import study
+
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "study.md").write_text("the earlier report\n")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("One document.\n\nAnother one.\n")
+    monkeypatch.setattr(study, "run_step", lambda *args: None)
+    real = Path.write_text
+
+    def write_text(self, text, *args, **kwargs):
+        if self.name == "study.md.tmp":
+            real(self, text[:10], *args, **kwargs)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a write fails: no file name
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    r = run_entry(study, ["config/study_tiny.py", f"--corpus={corpus}", f"--out_dir={out}"], monkeypatch, capsys)
+    assert_one_line_error(r, f"could not write {out / 'study.md'}: No space left on device", "earlier one is kept")
+    assert (out / "study.md").read_text() == "the earlier report\n" and not (out / "study.md.tmp").exists()
