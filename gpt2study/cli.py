@@ -168,8 +168,12 @@ def _check_assigned_once(source: str, path: Path) -> None:
     refused, naming both lines. (A later file or --key=value overriding it is how configs build.)"""
     seen: dict[str, int] = {}
     for node in ast.parse(source, str(path)).body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
-            if isinstance(node, ast.AnnAssign) and node.value is not None else []
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            targets = [node.target]
+        else:
+            continue
         for name in (t.id for t in targets if isinstance(t, ast.Name) and not t.id.startswith("_")):
             if name in seen:
                 raise UserError(f"config file {path} sets '{name}' twice (lines {seen[name]} and {node.lineno}); "

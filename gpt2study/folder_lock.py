@@ -76,7 +76,7 @@ def _try_lock(lock: Path) -> int | None:
 
 def holder(folder) -> str | None:
     """Who holds `folder`, when another process does (a look that writes nothing)."""
-    lock = Path(os.path.abspath(folder)) / LOCK_FILE
+    lock = Path(os.path.realpath(folder)) / LOCK_FILE
     if lock in _held:
         return None
     try:
@@ -101,7 +101,7 @@ def hold(folder, what: str, lock_name: str = LOCK_FILE):
     if int(os.environ.get("RANK", 0)) != 0:  # torchrun: rank 0 holds the folder for the run
         yield
         return
-    shown, folder = folder, Path(os.path.abspath(folder))
+    shown, folder = folder, Path(os.path.realpath(folder))
     made = _make_folder(folder)
     lock = folder / lock_name
     fd = _try_lock(lock)
