@@ -28,6 +28,7 @@ from gpt2study.checkpoints import ADAPTER_FILE, find_checkpoint, load_train_stat
 from gpt2study.cli import load_config, resolve_device, run_main
 from gpt2study.e2e_data import ensure_prepared, load_prepared
 from gpt2study.e2e_metrics import FOOTNOTE, METRICS, format_scores, read_outputs, read_references, score
+from gpt2study.folder_lock import hold
 from gpt2study.loading import STUDY_RUNS, load_adapter_into, load_base, resolve
 from gpt2study.settings import DecodeConfig, EvalConfig, FinetuneConfig
 from gpt2study.tokenizer import decode
@@ -180,7 +181,11 @@ def score_file(cfg: EvalConfig) -> None:
 
 def main():
     cfg = load_config(EvalConfig, sys.argv[1:], doc=__doc__)
-    score_file(cfg) if cfg.outputs else evaluate_systems(cfg)
+    if cfg.outputs:
+        score_file(cfg)
+        return
+    with hold(cfg.out_dir, "run"):
+        evaluate_systems(cfg)
 
 
 if __name__ == "__main__":

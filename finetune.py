@@ -19,6 +19,7 @@ import torch
 from gpt2study.checkpoints import ADAPTER_FILE, check_out_dir, refuse_contradictions, resumed_settings, run_info
 from gpt2study.cli import load_config, pick, run_main
 from gpt2study.e2e_data import ensure_prepared, load_prepared
+from gpt2study.folder_lock import hold
 from gpt2study.loading import load_base, resolve
 from gpt2study.settings import FinetuneConfig
 from gpt2study.tokenizer import EOT
@@ -76,6 +77,11 @@ def resumed_lora(cfg: FinetuneConfig, recorded: dict) -> LoRAConfig:
 
 def main():
     cfg = load_config(FinetuneConfig, sys.argv[1:], doc=__doc__)
+    with hold(cfg.out_dir, "run"):  # before anything reads or writes the run's folder
+        run(cfg)
+
+
+def run(cfg: FinetuneConfig):
     resume_from = check_out_dir(cfg.out_dir, cfg.init_from)
     if resume_from is not None:  # the base and the LoRA are the run's own, recorded in its checkpoint
         info = run_info(resume_from)

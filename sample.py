@@ -24,7 +24,8 @@ from model import UserError
 
 def read_prompts(path: Path) -> list[str]:
     if not path.is_file():
-        raise UserError(f"prompt file {path} not found")
+        raise UserError(f"prompt file {path} is a folder, not a file" if path.is_dir() else
+                        f"prompt file {path} not found")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from gpt2study.checkpoints import ADAPTER_FILE, MODEL_FILE, find_checkpoint, run_info
 from gpt2study.cli import load_config, run_main
+from gpt2study.folder_lock import STUDY_LOCK_FILE, hold
 from gpt2study.settings import EvalConfig, FinetuneConfig, PretrainConfig, SampleConfig, StudyConfig
 from model import UserError
 
@@ -163,8 +164,13 @@ def write_config(step: Step, study_cmd: str) -> None:
 def atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk, say: no half-written file, and the last whole one kept
+        tmp.unlink(missing_ok=True)
+        kept = "the earlier one is kept" if path.exists() else "nothing was written"
+        raise UserError(f"could not write {path}: {e.strerror or e}; {kept}") from None
 
 
 # ----------------------------------------------------------------------------- is a step done?
@@ -576,6 +582,11 @@ def write_report(cfg: StudyConfig, steps: list[Step], times: Times, study_cmd: s
 
 def main():
     cfg = load_config(StudyConfig, sys.argv[1:], doc=__doc__)
+    with hold(cfg.out_dir, "study", STUDY_LOCK_FILE):  # its steps hold their own sub-folders
+        study(cfg)
+
+
+def study(cfg: StudyConfig):
     study_cmd = shlex.join(["python", "study.py", *sys.argv[1:]])
     steps = plan(cfg)
     out = Path(cfg.out_dir)

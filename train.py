@@ -17,8 +17,10 @@ import torch
 
 from gpt2study.checkpoints import MODEL_FILE, check_out_dir, refuse_contradictions, resumed_settings, run_info
 from gpt2study.cli import load_config, pick, run_main
+from gpt2study.folder_lock import hold
 from gpt2study.loading import load_base
 from gpt2study.settings import PretrainConfig
+from gpt2study.tokenizer import VOCAB_SIZE
 from gpt2study.training import check_resume, fit, once_per_run, setup_runtime, teardown, world_size
 from model import GPT, GPTConfig, ModelOptions, UserError
 
@@ -28,10 +30,9 @@ class TokenBlocks:
     targets the same window shifted by one."""
 
     def __init__(self, path: Path, block_size: int, vocab_size: int):
+        check_token_file(path, block_size)
         self.tokens = np.memmap(path, dtype=np.uint16, mode="r")
         self.block_size, self.vocab_size = block_size, vocab_size
-        if len(self) == 0:
-            raise UserError(f"{path} holds {len(self.tokens)} tokens, fewer than one block of {block_size} + 1")
 
     def __len__(self) -> int:
         return (len(self.tokens) - 1) // self.block_size
@@ -42,11 +43,28 @@ class TokenBlocks:
         return rows[:, :-1], rows[:, 1:]
 
     def check_ids(self, path: Path) -> None:
-        """Fail in one line on token ids the model has no embedding for (a file made for another vocabulary)."""
-        top = int(self.tokens.max()) if len(self.tokens) else 0
-        if top >= self.vocab_size:
-            raise UserError(f"{path} holds token id {top}, beyond the model's vocabulary of {self.vocab_size}: "
-                            f"prepare it with this project's GPT-2 tokenizer (data/text/prepare.py)")
+        """Fail in one line on token ids that are no GPT-2 token or that the model has no embedding for
+        (a file made for another vocabulary, or bytes that are not token ids at all)."""
+        limit = min(self.vocab_size, VOCAB_SIZE)
+        top = int(self.tokens.max())
+        if top >= limit:
+            at = int(np.argmax(self.tokens >= limit))
+            raise UserError(f"{path} holds token id {top} (first at token {at:,}), beyond the vocabulary of "
+                            f"{limit}: prepare it with this project's GPT-2 tokenizer (data/text/prepare.py)")
+
+
+def check_token_file(path: Path, block_size: int) -> None:
+    """A token file is a whole number of uint16 ids, at least one block and its next token: checked
+    by its size, before it is mapped (a copy cut short has an odd length)."""
+    if not path.is_file():
+        raise UserError(f"{path} is not a file: expected uint16 token ids written by data/text/prepare.py")
+    size = path.stat().st_size
+    if size % 2:
+        raise UserError(f"{path} is {size:,} bytes, not a whole number of 2-byte token ids: the file is cut short "
+                        f"or not a token file; prepare it again (data/text/prepare.py)")
+    if size // 2 < block_size + 1:
+        raise UserError(f"{path} holds {size // 2:,} tokens, fewer than one block of {block_size} + 1: give more "
+                        f"text or lower block_size")
 
 
 def load_data(cfg: PretrainConfig, model_cfg: GPTConfig, rt) -> tuple[TokenBlocks, TokenBlocks]:
@@ -82,6 +100,11 @@ def build_model(cfg: PretrainConfig, resume_from: Path | None) -> GPT:
 
 def main():
     cfg = load_config(PretrainConfig, sys.argv[1:], doc=__doc__)
+    with hold(cfg.out_dir, "run"):  # before anything reads or writes the run's folder
+        run(cfg)
+
+
+def run(cfg: PretrainConfig):
     resume_from = check_out_dir(cfg.out_dir, cfg.init_from)
     if resume_from is not None:
         if "lora" in run_info(resume_from):

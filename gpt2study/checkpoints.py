@@ -19,11 +19,14 @@ from pathlib import Path
 import torch
 
 from gpt2study.cli import check_settings, coerce, field_types
-from model import UserError, warn_once
+from model import GPTConfig, UserError, warn_once
 
 MODEL_FILE, ADAPTER_FILE = "model.safetensors", "adapter.safetensors"
 CKPT, CKPT_TMP, CKPT_OLD, CKPT_BAD = "checkpoint", "checkpoint.tmp", "checkpoint.old", "checkpoint.bad"
 STATE_FILE = "train_state.pt"
+# config.json's "format": raised when a checkpoint changes so that an older version cannot read it
+CHECKPOINT_FORMAT = 1
+UPDATE = "it was written by a newer version of this project: update the code (git pull) to use it"
 
 
 def _first_line(e: Exception) -> str:
@@ -57,6 +60,9 @@ def checkpoint_problem(ckpt: Path) -> str | None:
         return f"{path} is missing"
     except (OSError, ValueError) as e:  # ValueError: torn JSON, or bytes that are not UTF-8
         return f"{path} is truncated or corrupt ({_first_line(e)})"
+    fmt = info.get("format", 1)
+    if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt > CHECKPOINT_FORMAT:
+        return f"{path} is of checkpoint format {fmt!r}, this version reads format {CHECKPOINT_FORMAT}: {UPDATE}"
     path = ckpt / STATE_FILE
     if not path.is_file():
         return f"{path} is missing"
@@ -85,12 +91,32 @@ def checkpoint_problem(ckpt: Path) -> str | None:
             arch = json.loads(meta["gpt_config"])
     except (KeyError, ValueError):
         return f"{path} is not {'an adapter' if lora else 'a model'} saved by this project (no config in its metadata)"
+    unknown = unknown_model_settings(arch)
+    if unknown:
+        return f"{path} has model settings this version does not know ({', '.join(unknown)}): {UPDATE}"
     model = info["model"]
     if saved != recorded or any(model.get(k) != v for k, v in arch.items()):
         differ = [f"{k}={v} (config.json: {model.get(k)})" for k, v in arch.items() if model.get(k) != v]
         what = ", ".join(differ) or f"its LoRA {saved} (config.json: {recorded})"
         return f"{path} belongs to another model: {what}"
     return None
+
+
+def unknown_model_settings(arch) -> list[str]:
+    """The keys of a saved model's config that GPTConfig does not have (a newer version's), sorted."""
+    known = {f.name for f in dataclasses.fields(GPTConfig)}
+    return sorted(set(arch) - known) if isinstance(arch, dict) else ["(not a mapping)"]
+
+
+def check_model_file(path: Path) -> None:
+    """A model file's metadata names a config this version can build: a UserError line otherwise."""
+    try:
+        arch = json.loads(_safetensors_metadata(path)["gpt_config"])
+    except Exception:  # not there, torn, not ours: GPT.from_file says which, in one line
+        return
+    unknown = unknown_model_settings(arch)
+    if unknown:
+        raise UserError(f"{path} has model settings this version does not know ({', '.join(unknown)}): {UPDATE}")
 
 
 def find_checkpoint(out_dir) -> Path | None:
@@ -133,7 +159,7 @@ def save_checkpoint(out_dir, export: Callable[[Path], None], state: dict, info: 
         export(tmp)
         with open(tmp / STATE_FILE, "wb") as f:  # through Python's file: a failed write raises OSError
             torch.save(state, f)
-        (tmp / "config.json").write_text(json.dumps(info, indent=2, default=str))
+        (tmp / "config.json").write_text(json.dumps({"format": CHECKPOINT_FORMAT, **info}, indent=2, default=str))
         for f in tmp.iterdir():  # on disk before the swap, so a crash cannot leave a torn checkpoint
             _fsync(f)
         # some writers (safetensors) can lose a failed write without a word: read back what is there

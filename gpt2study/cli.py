@@ -37,6 +37,10 @@ def run_main(main) -> None:
     except BrokenPipeError:  # output piped into `head`, say: nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
+    except OSError as e:  # the machine said no (a full disk, a path under a file, a symlink loop): say which file
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        sys.exit(2)
 
 
 DEVICE_HELP = "'auto' (cuda if present), 'cpu', 'cuda', 'cuda:1', ..."
@@ -136,14 +140,20 @@ def _run_config_file(path: Path, namespace: dict | None = None) -> dict:
     if not path.is_file():
         raise UserError(f"config file '{path}' not found; pass a file from config/ or --key=value overrides")
     namespace = {} if namespace is None else namespace
+    chain = [*namespace.get("__including__", ()), path.resolve()]
+    if path.resolve() in chain[:-1]:
+        raise UserError(f"config file {path} includes itself: {' -> '.join(p.name for p in chain)}")
 
     def include(name: str):
+        namespace["__including__"] = chain
         _run_config_file(path.parent / name, namespace)
         namespace["include"] = include  # the included file bound its own
 
     namespace["include"] = include
     try:
-        exec(compile(path.read_text(), str(path), "exec"), namespace)
+        source = path.read_text(encoding="utf-8")
+        _check_assigned_once(source, path)
+        exec(compile(source, str(path), "exec"), namespace)
     except UserError:
         raise
     except Exception as e:
@@ -151,6 +161,24 @@ def _run_config_file(path: Path, namespace: dict | None = None) -> dict:
     # imports, functions and _private names are the file's tools, not settings
     return {k: v for k, v in namespace.items()
             if not k.startswith("_") and not isinstance(v, type(sys)) and not callable(v)}
+
+
+def _check_assigned_once(source: str, path: Path) -> None:
+    """A setting assigned twice at the top of one file is a slip (the first value silently lost):
+    refused, naming both lines. (A later file or --key=value overriding it is how configs build.)"""
+    seen: dict[str, int] = {}
+    for node in ast.parse(source, str(path)).body:
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            targets = [node.target]
+        else:
+            continue
+        for name in (t.id for t in targets if isinstance(t, ast.Name) and not t.id.startswith("_")):
+            if name in seen:
+                raise UserError(f"config file {path} sets '{name}' twice (lines {seen[name]} and {node.lineno}); "
+                                f"keep one")
+            seen[name] = node.lineno
 
 
 def usage(cls, doc: str | None = None) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from gpt2study.download import make_out_dir
 from gpt2study.e2e_release import SPLIT_FILES, fetch_release, group_by_mr, parse_pairs_csv, read_source_file
-from gpt2study.tokenizer import EOT, encode, encode_batch
+from gpt2study.tokenizer import EOT, VOCAB_SIZE, encode, encode_batch
 from model import UserError
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "data" / "e2e" / "prepared"  # beside data/e2e/prepare.py
@@ -130,10 +130,43 @@ def load_prepared(out_dir, split: str) -> list[dict]:
     if not path.is_file():
         raise UserError(f"no prepared E2E data at '{path}'; run: {PREPARE_CMD} --out_dir {out_dir}")
     records = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:  # bytes, decoded a line at a time: an error names its line
         for line_no, line in enumerate(f, start=1):
             try:
-                records.append(json.loads(line))
+                record = json.loads(line.decode("utf-8"))
+                problem = _record_problem(record, split)
+            except UnicodeDecodeError as e:
+                problem = f"not UTF-8 text (byte {e.start})"
             except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {line_no}: not JSON ({e}); rerun: {PREPARE_CMD}") from None
+                problem = f"not JSON ({e})"
+            if problem:
+                raise UserError(f"{path} line {line_no}: {problem}; rerun: {PREPARE_CMD}")
+            records.append(record)
+    if not records:
+        raise UserError(f"{path} holds no records; rerun: {PREPARE_CMD}")
     return records
+
+
+# what each split's records hold: key -> (type, its items' type)
+_FIELDS = {"train": {"mr": (str, None), "ref": (str, None), "prompt": (list, int), "target": (list, int)},
+           "test": {"mr": (str, None), "refs": (list, str), "prompt": (list, int)}}
+_FIELDS["dev"] = _FIELDS["train"]
+
+
+def _record_problem(record, split: str) -> str | None:
+    """What is wrong with one prepared record (a key missing, a wrong type, a token id that is no GPT-2
+    token), or None."""
+    if not isinstance(record, dict):
+        return "not a record (a JSON object)"
+    for key, (typ, item) in _FIELDS[split].items():
+        if key not in record:
+            return f"'{key}' is missing"
+        value = record[key]
+        if not isinstance(value, typ) or (item and not all(type(v) is item for v in value)):
+            return f"'{key}' is not a {f'list of {item.__name__}' if item else typ.__name__}"
+        if item and not value:
+            return f"'{key}' is empty"
+    bad = [t for key in ("prompt", "target") for t in record.get(key, ()) if not 0 <= t < VOCAB_SIZE]
+    if bad:
+        return f"token id {bad[0]} is not a GPT-2 token (0 to {VOCAB_SIZE - 1})"
+    return None

@@ -13,7 +13,7 @@
 import json
 from pathlib import Path
 
-from gpt2study.checkpoints import ADAPTER_FILE, MODEL_FILE, find_checkpoint, run_info
+from gpt2study.checkpoints import ADAPTER_FILE, MODEL_FILE, check_model_file, find_checkpoint, run_info
 from model import GPT, UserError
 
 LATEST = "latest"
@@ -56,6 +56,17 @@ def adapter_of(spec: str) -> tuple[str, Path] | None:
     return None
 
 
+def check_adapter_file(path: Path) -> None:
+    """An adapter file's metadata is whole and names a LoRA this version knows: a UserError line otherwise."""
+    from lora import LoRAConfig, read_adapter_meta
+
+    try:
+        LoRAConfig(**read_adapter_meta(path)["lora_config"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise UserError(f"adapter {path} has metadata this version cannot read ({type(e).__name__}: "
+                        f"{str(e)[:100]}): the file is damaged, or from a newer version of this project") from None
+
+
 def load_adapter_into(model: GPT, adapter: Path) -> None:
     """Our adapter file, or a PEFT adapter folder, into `model` (which must be its base)."""
     if adapter.is_dir():
@@ -65,6 +76,7 @@ def load_adapter_into(model: GPT, adapter: Path) -> None:
     else:
         from lora import load_adapter
 
+        check_adapter_file(adapter)
         load_adapter(model, adapter)
 
 
@@ -80,6 +92,11 @@ def load_model(spec: str, **options) -> GPT:
     return load_base(spec, **options)
 
 
+def _from_file(path: Path, **options) -> GPT:
+    check_model_file(path)
+    return GPT.from_file(path, **options)
+
+
 def load_base(spec: str, **options) -> GPT:
     """A model without an adapter: our run, checkpoint or file, or a Hugging Face GPT-2."""
     spec = resolve(spec)
@@ -88,13 +105,13 @@ def load_base(spec: str, **options) -> GPT:
     if ckpt is not None:
         if not (ckpt / MODEL_FILE).exists():
             raise UserError(f"{spec} holds no model ({ckpt} has no {MODEL_FILE})")
-        return GPT.from_file(ckpt / MODEL_FILE, **options)
+        return _from_file(ckpt / MODEL_FILE, **options)
     if path.is_dir() and (path / MODEL_FILE).exists() and not (path / "config.json").exists():
-        return GPT.from_file(path / MODEL_FILE, **options)
+        return _from_file(path / MODEL_FILE, **options)
     if path.suffix == ".safetensors":
         if not path.is_file():
             raise UserError(f"model file {path} not found")
-        return GPT.from_file(path, **options)
+        return _from_file(path, **options)
     if path.is_dir() and not (path / "config.json").exists():
         raise UserError(f"{spec} holds no model: expected a run folder with checkpoint/{MODEL_FILE}, a model file, "
                         f"or a Hugging Face folder with config.json")

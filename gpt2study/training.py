@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from gpt2study import folder_lock
 from gpt2study.checkpoints import STATE_FILE, load_train_state, save_checkpoint
 from gpt2study.checkpoints import run_info as checkpoint_info
 from gpt2study.cli import DEVICE_HELP, resolve_device
@@ -282,6 +283,9 @@ class RunLog:
         stale = [p for p in (self.jsonl, out / "tb") if p.exists()]
         if not stale:
             return
+        held_by = folder_lock.holder(out)
+        if held_by:  # a live run's logs, not a dead one's
+            raise UserError(f"{out} is in use by another run ({held_by}); its logs are left where they are")
         n = 1
         while (out / f"old_logs.{n}").exists():
             n += 1

@@ -27,11 +27,12 @@ from conftest import (
     tiny_train_args,
     write_prepared_e2e,
 )
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import finetune
 import train
 from gpt2study.checkpoints import find_checkpoint, load_train_state
+from gpt2study.folder_lock import LOCK_FILE, STUDY_LOCK_FILE
 from gpt2study.training import EpochSampler
 from model import GPT, GPTConfig
 
@@ -57,8 +58,10 @@ def losses(out, split="train"):
 
 
 def snapshot(folder: Path) -> dict:
-    """Every file under `folder` and its bytes: to show that nothing was written or lost."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file under `folder` and its bytes: to show that nothing was written or lost. (Not the
+    lock file, which names whichever run holds the folder now.)"""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in (LOCK_FILE, STUDY_LOCK_FILE)}
 
 
 class Crash(Exception):
@@ -618,3 +621,352 @@ def test_a_partial_or_other_decoding_table_never_takes_the_study_tables_name():
     assert variant(EvalConfig(method="greedy"), 630, 630) == "method_greedy"
     assert variant(EvalConfig(beam_rule="paper", beam_size=4), 630, 630) == "beam_size_4_beam_rule_paper"
     assert variant(EvalConfig(batch_size=7), 630, 630) == ""  # batching does not change the outputs
+
+
+# ----------------------------------------------------------------------------- one owner per folder
+
+HOLDER = """
+import sys
+from gpt2study.folder_lock import hold
+with hold(sys.argv[1], "run", sys.argv[2]):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def hold_elsewhere():
+    """Hold a folder from another process (as a second terminal's run would), until the test ends."""
+    procs = []
+
+    def start(folder: Path, lock_name: str = LOCK_FILE) -> subprocess.Popen:
+        p = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder), lock_name], cwd=REPO, text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert p.stdout.readline().strip() == "held"
+        procs.append(p)
+        return p
+
+    yield start
+    for p in procs:
+        p.communicate(input="", timeout=30)
+
+
+def test_two_trainings_into_one_out_dir(token_data, tmp_path, monkeypatch, capsys):
+    """The first run is writing its logs, before its first checkpoint, when a second starts there:
+    the second stops at once naming the first (pid, host, since), and leaves its logs alone; the
+    first goes on and saves. Once it has ended, the folder is free again."""
+    import socket
+
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "train.py", *tiny_train_args(token_data, out, max_iters=10_000,
+                                                                           eval_interval=10_000)],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, **ONE_THREAD})
+    wait_for(lambda: train_records_so_far(out) >= 2)
+    for args in (tiny_train_args(token_data, out), [f"--out_dir={out}", "--init_from=resume"]):
+        r = run_entry(train, args, monkeypatch, capsys)
+        assert_one_line_error(r, f"{out} is in use by another run", f"pid {first.pid} on {socket.gethostname()}",
+                              "since ")
+        assert not list(out.glob("old_logs*")) and first.poll() is None
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=120) == 143
+    step = load_train_state(find_checkpoint(out))["step"]
+    assert [r["step"] for r in records(out)] == list(range(1, step + 1))  # one run's records, whole
+    r = run_entry(train, [f"--out_dir={out}", "--init_from=resume", f"--max_iters={step + 1}"], monkeypatch, capsys)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("command", ["finetune", "e2e_eval", "study"])
+def test_a_held_folder_refuses_a_second_run_and_touches_nothing(command, lora_setup, hold_elsewhere, tmp_path):
+    """Two fine-tunings, two E2E evaluations into one folder, a second study in the same folder:
+    the second stops in one line naming the holder, and writes nothing."""
+    folder = tmp_path / "held"
+    folder.mkdir()
+    (folder / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 5.0}\n')
+    holder = hold_elsewhere(folder, STUDY_LOCK_FILE if command == "study" else LOCK_FILE)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    args = {"finetune": ["finetune.py", *finetune_args(lora_setup, folder)],
+            "e2e_eval": ["e2e_eval.py", f"--out_dir={folder}", f"--data_dir={lora_setup}", "--device=cpu"],
+            "study": ["study.py", "config/study_tiny.py", f"--out_dir={folder}"]}[command]
+    r = run_cli(*args, env=ONE_THREAD)
+    assert_one_line_error(r, f"{folder} is in use by another {'study' if command == 'study' else 'run'}",
+                          f"pid {holder.pid}")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # the lock file's text too
+
+
+def test_a_studys_own_lock_never_blocks_its_steps(token_data, tmp_path, monkeypatch, capsys):
+    """study.py holds its folder while its steps, processes of their own, hold their sub-folders."""
+    from gpt2study.folder_lock import hold
+
+    study_dir = tmp_path / "study"
+    with hold(study_dir, "study", STUDY_LOCK_FILE):
+        r = run_cli("train.py", *tiny_train_args(token_data, study_dir / "pretrain", max_iters=2), env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    assert find_checkpoint(study_dir / "pretrain") is not None
+
+
+def test_kill_9_then_resume_at_once(token_data, tmp_path, monkeypatch, capsys):
+    """A run killed with SIGKILL leaves its lock file (naming the dead process) but no lock: the
+    resume started the moment after is not blocked."""
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "train.py", *tiny_train_args(token_data, out, max_iters=10_000,
+                                                                       ckpt_interval=2, eval_interval=10_000)],
+                         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         env={**os.environ, **ONE_THREAD})
+    wait_for(lambda: checkpoint_step(out) >= 2)
+    p.kill()
+    p.wait()
+    assert json.loads((out / LOCK_FILE).read_text())["pid"] == p.pid  # what a stale lock file would be
+    r = run_entry(train, [f"--out_dir={out}", "--init_from=resume", f"--max_iters={checkpoint_step(out) + 1}"],
+                  monkeypatch, capsys)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / LOCK_FILE).read_text())["pid"] == os.getpid()
+
+
+def rank_worker(parent: int, rank: int) -> int | None:
+    """The pid of the worker of `rank` that torchrun `parent` started, once it is there."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            env = (stat.parent / "environ").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and f"\0RANK={rank}\0".encode() in b"\0" + env:
+            return int(stat.parent.name)
+    return None
+
+
+def test_one_of_two_processes_dies(token_data, tmp_path, monkeypatch, capsys):
+    """torchrun with 2 processes; rank 1 is killed (-9) after a checkpoint: the run ends with a
+    failure, the folder is free at once, and the run resumes on one process from its last
+    checkpoint, which is intact."""
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train.py", *tiny_train_args(token_data, out, max_iters=10_000, ckpt_interval=2,
+                                                       eval_interval=10_000)],
+                         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, **ONE_THREAD})
+    wait_for(lambda: checkpoint_step(out) >= 2)
+    os.kill(rank_worker(p.pid, 1), signal.SIGKILL)
+    p.communicate(timeout=120)
+    assert p.returncode != 0
+    step = checkpoint_step(out)
+    r = run_entry(train, [f"--out_dir={out}", "--init_from=resume", "--grad_accum=2", f"--max_iters={step + 2}"],
+                  monkeypatch, capsys)
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    assert [x["step"] for x in records(out)][-2:] == [step + 1, step + 2]
+
+
+def test_a_live_runs_logs_are_never_set_aside(tmp_path, hold_elsewhere):
+    """RunLog moves an earlier run's logs aside only when no process holds the folder."""
+    from gpt2study.settings import PretrainConfig
+    from gpt2study.training import RunLog, Runtime
+    from model import UserError
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 5.0}\n')
+    cfg = PretrainConfig(out_dir=str(out), progress=False)
+    rt = Runtime(torch.device("cpu"), 0, 0, 1, None, None)
+    hold_elsewhere(out)
+    with pytest.raises(UserError, match="in use by another run"):
+        RunLog(cfg, rt, 0, 10)
+    assert (out / "metrics.jsonl").exists() and not (out / "old_logs.1").exists()
+
+
+def test_out_dir_under_a_file_or_a_lock_that_is_a_folder(token_data, tmp_path, monkeypatch, capsys):
+    """Root ignores permission bits, so a folder that cannot be written is made another way: a path
+    under a file. And a lock file that someone made a folder. One line each; the file is untouched."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    r = run_entry(train, tiny_train_args(token_data, notes / "run"), monkeypatch, capsys)
+    assert_one_line_error(r, f"{notes} is a file")
+    assert notes.read_text() == "mine"
+    out = tmp_path / "run"
+    (out / LOCK_FILE).mkdir(parents=True)
+    r = run_entry(train, tiny_train_args(token_data, out), monkeypatch, capsys)
+    assert_one_line_error(r, f"cannot open the lock file {out / LOCK_FILE}")
+
+
+# ----------------------------------------------------------------------------- every file checked
+
+
+def bad_token_file(kind: str, path: Path):
+    tokens = np.arange(5_000, dtype=np.uint16)
+    if kind == "odd length":  # a copy cut short in the middle of a token
+        path.write_bytes(tokens.tobytes()[:-1])
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "a folder":
+        path.mkdir()
+    elif kind == "one block":  # block_size tokens: no target for the last
+        tokens[:TINY["block_size"]].tofile(path)
+    else:  # an id past GPT-2's 50,257 tokens, which a model padded to 50,304 would take in silence
+        tokens[1234] = 50_300
+        tokens.tofile(path)
+
+
+@pytest.mark.parametrize("kind,needle", [("odd length", "9,999 bytes, not a whole number of 2-byte token ids"),
+                                         ("empty", "holds 0 tokens, fewer than one block of 32 + 1"),
+                                         ("a folder", "is not a file"),
+                                         ("one block", "holds 32 tokens, fewer than one block of 32 + 1"),
+                                         ("id 50300", "token id 50300 (first at token 1,234)")])
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_bad_token_files_fail_before_training(kind, needle, split, token_data, tmp_path, monkeypatch, capsys):
+    (token_data / f"{split}.bin").unlink()
+    bad_token_file(kind, token_data / f"{split}.bin")
+    out = tmp_path / "out"
+    r = run_entry(train, tiny_train_args(token_data, out, vocab_size=50_304), monkeypatch, capsys)
+    assert_one_line_error(r, str(token_data / f"{split}.bin"), needle)
+    assert not out.exists()  # the folder made to hold the run is gone again
+
+
+E2E_DAMAGE = {
+    "missing key": (lambda rec: rec.pop("target"), "line 3: 'target' is missing"),
+    "id out of range": (lambda rec: rec["prompt"].append(70_000), "line 3: token id 70000 is not a GPT-2 token"),
+    "ids as text": (lambda rec: rec.update(prompt=["The"]), "line 3: 'prompt' is not a list of int"),
+    "not a record": (lambda rec: [rec.clear(), rec.update(x=1)], "line 3: 'mr' is missing"),
+}
+
+
+@pytest.mark.parametrize("case", [*E2E_DAMAGE, "not UTF-8", "empty"])
+def test_damaged_prepared_e2e_is_one_line(case, lora_setup, tmp_path, monkeypatch, capsys):
+    data = tmp_path / "e2e"
+    shutil.copytree(lora_setup, data)
+    lines = (data / "train.jsonl").read_text().splitlines()
+    if case == "not UTF-8":
+        needle = "line 2: not UTF-8"
+        (data / "train.jsonl").write_bytes(lines[0].encode() + b"\n\xff\xfe\n")
+    elif case == "empty":
+        needle = "holds no records"
+        (data / "train.jsonl").write_text("")
+    else:
+        damage, needle = E2E_DAMAGE[case]
+        record = json.loads(lines[2])
+        damage(record)
+        lines[2] = json.dumps(record)
+        (data / "train.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    r = run_entry(finetune, finetune_args(lora_setup, out, data_dir=data), monkeypatch, capsys)
+    assert_one_line_error(r, str(data / "train.jsonl"), needle)
+    assert not out.exists()
+
+
+def test_a_config_that_sets_a_key_twice_or_includes_itself(token_data, tmp_path, monkeypatch, capsys):
+    twice = tmp_path / "twice.py"
+    twice.write_text("lr = 1e-3\nbatch_size = 4\n# later, having forgotten the first\nlr = 3e-4\n")
+    r = run_entry(train, [twice, *tiny_train_args(token_data, tmp_path / "out")], monkeypatch, capsys)
+    assert_one_line_error(r, f"config file {twice} sets 'lr' twice (lines 1 and 4)")
+    (tmp_path / "a.py").write_text("include('b.py')\n")
+    (tmp_path / "b.py").write_text("lr = 1e-3\ninclude('a.py')\n")
+    r = run_entry(train, [tmp_path / "a.py"], monkeypatch, capsys)
+    assert_one_line_error(r, "includes itself: a.py -> b.py -> a.py")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_from_a_newer_version(two_checkpoints, tmp_path, monkeypatch, capsys):
+    """A checkpoint whose config.json says a newer format, and a model file with a setting this
+    version does not know: one line saying to update the code, for a resume and for sampling."""
+    run = copy_run(two_checkpoints, tmp_path / "run")
+    for ckpt in ("checkpoint", "checkpoint.old"):
+        info = json.loads((run / ckpt / "config.json").read_text())
+        assert info["format"] == 1  # every checkpoint says which format it is
+        (run / ckpt / "config.json").write_text(json.dumps({**info, "format": 2}))
+    before = snapshot(run)
+    r = run_entry(train, [f"--out_dir={run}", "--init_from=resume"], monkeypatch, capsys)
+    assert_one_line_error(r, "checkpoint format 2, this version reads format 1", "newer version", "update the code")
+    assert snapshot(run) == before
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Hello\n")
+    assert_one_line_error(run_cli("sample.py", "--model", run, "--prompts", prompts, "--out", tmp_path / "s.txt"),
+                          "newer version")
+
+    model = tmp_path / "model.safetensors"
+    src = two_checkpoints / "checkpoint" / "model.safetensors"
+    arch = json.loads(metadata(src)["gpt_config"])
+    save_file(load_file(src), str(model), metadata={"gpt_config": json.dumps({**arch, "rope_theta": 1e4})})
+    assert_one_line_error(run_cli("sample.py", "--model", model, "--prompts", prompts, "--out", tmp_path / "s.txt"),
+                          "model settings this version does not know (rope_theta)", "newer version")
+    assert not (tmp_path / "s.txt").exists()
+
+
+def metadata(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()
+
+
+def test_an_adapter_with_damaged_metadata(lora_setup, tmp_path, monkeypatch, capsys):
+    """An adapter whose LoRA config is torn, or has a key this version does not know: one line."""
+    from gpt2study.loading import load_adapter_into, load_base
+    from model import UserError
+
+    run = tmp_path / "lora"
+    assert run_entry(finetune, finetune_args(lora_setup, run), monkeypatch, capsys).returncode == 0
+    adapter = run / "checkpoint" / "adapter.safetensors"
+    meta = metadata(adapter)
+    newer = json.dumps({**json.loads(meta["lora_config"]), "lora_rank_pattern": 1})
+    for config, needle in (('{"lora_r": 2, ', "JSONDecodeError"), (newer, "TypeError")):
+        odd = tmp_path / "odd.safetensors"
+        save_file(load_file(adapter), str(odd), metadata={**meta, "lora_config": config})
+        with pytest.raises(UserError, match=f"metadata this version cannot read \\({needle}"):
+            load_adapter_into(load_base(str(lora_setup / "base.safetensors")), odd)
+
+
+def test_a_symlink_loop_in_the_corpus(tmp_path):
+    """A --src that is a symlink loop, and a loop among a folder's .txt files: one line each."""
+    loop = tmp_path / "loop.txt"
+    loop.symlink_to(loop)
+    r = run_cli("data/text/prepare.py", "--src", loop, "--out_dir", tmp_path / "out")
+    assert_one_line_error(r, f"--src {loop}: no such file")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("One document.\n\nAnother one.\n")
+    (corpus / "b.txt").symlink_to(corpus / "b.txt")
+    r = run_cli("data/text/prepare.py", "--src", corpus, "--out_dir", tmp_path / "out")
+    assert_one_line_error(r, f"{corpus / 'b.txt'}: Too many levels of symbolic links")
+    assert not (tmp_path / "out" / "train.bin").exists()
+
+
+def test_ctrl_c_during_a_prompt_file_of_100000_lines(sample_run, tmp_path):
+    """100,000 prompts start at once (no pass over them first); Ctrl-C stops with status 130 and
+    keeps every continuation made, each a whole line."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"Prompt number {i}\n" for i in range(100_000)))
+    out = tmp_path / "s.txt"
+    p = subprocess.Popen([sys.executable, "sample.py", "--model", str(sample_run), "--prompts", str(prompts),
+                          "--out", str(out), "--max_new_tokens", "2", "--device", "cpu"], cwd=REPO,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, **ONE_THREAD})
+    wait_for(lambda: out.exists() and out.read_text().count("\n") >= 6)
+    p.send_signal(signal.SIGINT)
+    stderr = p.communicate(timeout=60)[1]
+    assert p.returncode == 130 and "Traceback" not in stderr and "interrupted" in stderr, stderr
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("# ") and len(lines) > 5
+    assert all(line.startswith(f"Prompt number {i}") for i, line in enumerate(lines[1:]))
+
+
+def test_a_full_disk_while_the_study_writes_its_report(tmp_path, monkeypatch, capsys):
+    """The disk fills up while study.py writes study.md (its steps are not run here: the fault is in
+    the report): one line naming the file, the earlier report kept whole, no temporary file left."""
+    import study
+
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "study.md").write_text("the earlier report\n")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("One document.\n\nAnother one.\n")
+    monkeypatch.setattr(study, "run_step", lambda *args: None)
+    real = Path.write_text
+
+    def write_text(self, text, *args, **kwargs):
+        if self.name == "study.md.tmp":
+            real(self, text[:10], *args, **kwargs)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a write fails: no file name
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    r = run_entry(study, ["config/study_tiny.py", f"--corpus={corpus}", f"--out_dir={out}"], monkeypatch, capsys)
+    assert_one_line_error(r, f"could not write {out / 'study.md'}: No space left on device", "earlier one is kept")
+    assert (out / "study.md").read_text() == "the earlier report\n" and not (out / "study.md.tmp").exists()
