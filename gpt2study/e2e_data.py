@@ -16,8 +16,8 @@ from gpt2study.e2e_release import SPLIT_FILES, fetch_release, group_by_mr, parse
 from gpt2study.tokenizer import EOT, encode, encode_batch
 from model import UserError
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "prepared"
-PREPARE_CMD = "python data/e2e/prepare.py --src ../shared/data/e2e/e2e-dataset.zip"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "data" / "e2e" / "prepared"
+PREPARE_CMD = "python data/e2e/prepare.py"  # it downloads the release; offline, add --src e2e-dataset.zip
 
 # One `key[value]` pair of an MR and the comma or end that follows it. Keys exclude ':' and values '|'
 # so that the linearised form below can be parsed back unambiguously.
@@ -128,12 +128,14 @@ def load_prepared(out_dir, split: str) -> list[dict]:
     if split not in SPLIT_FILES:
         raise UserError(f"unknown E2E split '{split}'; choose one of {', '.join(SPLIT_FILES)}")
     if not path.is_file():
-        raise UserError(f"no prepared E2E data at '{path}'; run: {PREPARE_CMD} --out_dir {out_dir}")
+        raise UserError(f"no prepared E2E data at '{path}'; run: {PREPARE_CMD} --out_dir {out_dir} (it downloads "
+                        f"the release; offline, add --src e2e-dataset.zip)")
     records = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {line_no}: not JSON ({e}); rerun: {PREPARE_CMD}") from None
+                raise UserError(f"{path} line {line_no}: not JSON ({e}); rerun: {PREPARE_CMD} --out_dir {out_dir}"
+                                ) from None
     return records

@@ -119,5 +119,5 @@ def fetch_sources(urls, out_dir: Path) -> list[str]:
         dest = out_dir / "sources" / name
         if dest in paths:
             dest = dest.with_name(f"{i}-{name}")
-        paths.append(download(url, dest, offline_hint=f"offline? copy {name} here and pass it with --src"))
+        paths.append(download(url, dest, offline_hint=f"offline: fetch {url}, then pass the file with --src"))
     return [str(p) for p in paths]
