@@ -576,16 +576,16 @@ def duration(seconds: float) -> str:
     return f"{seconds:.0f} s"
 
 
-def smaller_preset(command: str) -> str | None:
+def smaller_preset(argv: list[str]) -> str | None:
     """The next smaller preset than the one the study runs (config/study_small.py for a config of its own)."""
-    given = [os.path.realpath(a) for a in shlex.split(command) if a.endswith(".py") and not a.startswith("-")]
+    given = [os.path.realpath(a) for a in argv if a.endswith(".py") and not a.startswith("-")]
     for i, preset in enumerate(PRESETS):
         if os.path.realpath(REPO / preset) in given:
             return PRESETS[i + 1] if i + 1 < len(PRESETS) else None
     return PRESETS[1]
 
 
-def say_how_long(study: Study) -> None:
+def say_how_long(study: Study, smaller: str | None) -> None:
     """One line before the first step: how long pretraining will take here; when that is hours, which smaller
     preset to choose (the study goes on all the same)."""
     runs = [s for s in study.steps if isinstance(s, Pretraining) and not s.done(study)]
@@ -600,7 +600,6 @@ def say_how_long(study: Study) -> None:
     seconds = tokens * per_token
     line = (f"study: pretraining ({', '.join(r.name for r in runs)}: {count(tokens)} tokens) will take about "
             f"{duration(seconds)} on {device} (from timed steps of its model)")
-    smaller = smaller_preset(study.command)
     if seconds > LONG_S and smaller:
         line += f"; that is long for this machine: a smaller study is python study.py {smaller}"
     print(line, flush=True)
@@ -866,7 +865,7 @@ def main():
     study = Study(cfg, shlex.join(["python", "study.py", *sys.argv[1:]]))
     print(f"study: {len(study.steps)} steps into {display(study.out)}/ (logs in {display(study.out / 'logs')}/)",
           flush=True)
-    say_how_long(study)
+    say_how_long(study, smaller_preset(argv))
     for step in study.steps:
         run_step(step, study)
     written = write_report(study)

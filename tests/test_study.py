@@ -53,12 +53,14 @@ def sources(root):
 
 
 def preset(root, name="study", **settings) -> str:
-    """A config file: the tiny preset on `sources(root)`, its data and outputs under `root`."""
+    """A config file: the tiny preset on `sources(root)`, its data and outputs under `root`, GPT-2 medium looked
+    for (and, offline, skipped)."""
     corpus, e2e = root / "src" / "corpus.txt", root / "src" / "e2e"
     if not corpus.exists():
         sources(root)
     values = {"out_dir": str(root / name), "pretrain_data": str(root / "data" / "corpus"),
-              "e2e_data": str(root / "data" / "e2e"), "corpus": str(corpus), "e2e_src": str(e2e), **settings}
+              "e2e_data": str(root / "data" / "e2e"), "corpus": str(corpus), "e2e_src": str(e2e), "gpt2m": "auto",
+              **settings}
     path = root / f"{name}.py"
     path.write_text(f"include({str(REPO / 'config' / 'study_tiny.py')!r})\n"
                     + "".join(f"{k} = {v!r}\n" for k, v in values.items()))
