@@ -186,7 +186,7 @@ def test_a_failing_step_stops_the_study_with_its_error_and_command(study):
     line = assert_one_line_error(r, "step pretrain failed", "fewer than one optimizer step needs",
                                  f"rerun it alone: python train.py {root / 'failing' / 'configs' / 'pretrain.py'}",
                                  "python study.py")
-    assert "step data_text: skipped (done)" in r.stdout and "pretrain_continue" not in r.stdout
+    assert "step data_text: skipped (done)" in r.stdout and "step pretrain_continue" not in r.stdout
     # the command it names is the step, as the study ran it
     rerun = line.split("rerun it alone: ")[1].split(" (log:")[0].split()
     again = run_cli(*rerun[1:])
