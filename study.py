@@ -1,62 +1,53 @@
 """Run the whole study in order, into one folder, and write its report.
 
-    python study.py config/study.py          # the original study at full size, for a GPU
-    python study.py config/study_small.py    # the offline proof on a CPU, from ../shared
-    python study.py config/study_tiny.py     # every step in about a minute (what the test runs)
+    python study.py                          # the study that fits this machine: the full one on a GPU, else small
+    python study.py config/study.py          # the original study at full size, for a GPU (WikiText-103)
+    python study.py config/study_small.py    # every step, smaller, on a CPU in about an hour (WikiText-2)
+    python study.py config/study_tiny.py     # every step in a few minutes: a first try
 
-The steps: prepare the pretraining text (WikiText-103, or local files) and E2E; pretraining run 1;
-run 2, continued from run 1's weights; the prompts continued by run 2; LoRA on run 2; LoRA on
-GPT-2 medium (skipped, with the reason and its command, when its weights cannot be had); beam
-decoding and official scoring of each base before and after LoRA.
+The steps: prepare the pretraining text (WikiText-103 or WikiText-2, downloaded, or local files)
+and E2E (downloaded); pretraining run 1; run 2, continued from run 1's weights; the prompts
+continued by run 2; LoRA on run 2; LoRA on GPT-2 medium (skipped, with the reason and its command,
+when its weights cannot be had); beam decoding and official scoring of each base before and
+after LoRA. Offline, give local copies of the downloads: --wikitext_src=ZIP (or --corpus=FILES)
+and --e2e_src=ZIP; mirrors of your own: --wikitext_url / --e2e_url, or GPT2STUDY_MIRRORS.
 
 Each step is one of the README's commands (train.py, sample.py, finetune.py, e2e_eval.py, a
 data/*/prepare.py), run as its own process on a config file the study writes into
 OUT_DIR/configs/: the step's config file, the study's paths, then its `*_overrides`. So each step
 can be rerun alone with the command the study prints. Its output goes to OUT_DIR/logs/STEP.log.
 
-A finished step is skipped; an interrupted training run is resumed (--init_from=resume); a failed
-step stops the study with its one-line error and the command that reruns it. Ctrl-C stops the
-running step the way it stops on its own (a training run saves a checkpoint first), then the study.
-At the end: OUT_DIR/study.md and study.json (the steps and their wall times, what was trained on
-what, the E2E table, the continuations) and curves_pretrain.png, curves_lora.png.
+Before the first step the study times a few training steps of run 1's model and says how long
+pretraining will take here (and, when that is hours, which smaller preset to choose). A finished
+step is skipped; an interrupted training run is resumed (--init_from=resume); a failed step stops
+the study with its error and the command that reruns it. Ctrl-C stops the running step the way
+it stops on its own (a training run saves a checkpoint first), then the study. At the end:
+OUT_DIR/study.md and study.json (the steps and their wall times, what was trained on what, the
+E2E table, the continuations) and curves_pretrain.png, curves_lora.png.
 """
 
 import datetime
 import json
+import math
 import os
 import shlex
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from gpt2study.checkpoints import ADAPTER_FILE, MODEL_FILE, find_checkpoint, run_info
 from gpt2study.cli import load_config, run_main
+from gpt2study.download import DOWNLOAD_FAILED, Release
+from gpt2study.files import write_atomic
 from gpt2study.folder_lock import STUDY_LOCK_FILE, hold
 from gpt2study.settings import EvalConfig, FinetuneConfig, PretrainConfig, SampleConfig, StudyConfig
+from gpt2study.wikitext import RELEASES, WikiText
 from model import UserError
 
 REPO = Path(__file__).resolve().parent
-
-
-# ----------------------------------------------------------------------------- the steps
-
-
-@dataclass
-class Step:
-    name: str
-    script: str  # the entry script, relative to the repo
-    kind: str  # text, wikitext, e2e, train, lora, sample, eval
-    config: Path  # the config file the study writes for it
-    settings: dict  # what that file sets
-    include: str = ""  # the config file it builds on
-    parsed: object = None  # the script's config from its config file and overrides (before the study's paths)
-    hint: str = ""  # what the study's own settings offer when the step fails
-    status: str = ""  # done, skipped, off (after the study ran it or looked at it)
-    note: str = ""
-    resumed_from: int | None = None
 
 
 def display(path) -> str:
@@ -65,13 +56,352 @@ def display(path) -> str:
     return str(path) if rel.startswith("..") else rel
 
 
-def command(step: Step, extra=()) -> list[str]:
-    return [sys.executable, str(REPO / step.script), str(step.config), *extra]
 
 
-def shown(step: Step, extra=()) -> str:
-    return shlex.join(["python", display(REPO / step.script), display(step.config), *extra])
+# ----------------------------------------------------------------------------- the steps
 
+
+@dataclass
+class Step:
+    """One of the README's commands, run on a config file the study writes; each kind of step says when
+    it is done and what its row of the report says."""
+
+    name: str
+    script: str  # the entry script, relative to the repo
+    config: Path  # the config file the study writes for it
+    settings: dict  # what that file sets
+    include: str = ""  # the config file it builds on
+    parsed: object = None  # the script's config from its config file and overrides (before the study's paths)
+    status: str = ""  # done, skipped, off (after the study ran it or looked at it)
+    note: str = ""
+    resumed_from: int | None = None  # the step an interrupted training run was resumed at
+
+    def command(self, extra=()) -> list[str]:
+        return [sys.executable, str(REPO / self.script), str(self.config), *extra]
+
+    def shown(self, extra=()) -> str:
+        return shlex.join(["python", display(REPO / self.script), display(self.config), *extra])
+
+    def done(self, study: "Study") -> bool:
+        raise NotImplementedError
+
+    def what(self, study: "Study") -> str:
+        """The report's account of what the finished step made."""
+        raise NotImplementedError
+
+    def update(self, study: "Study") -> None:
+        """Settings that depend on the steps before it, set just before its config file is written."""
+
+    def unavailable(self, study: "Study") -> tuple[str, str] | None:
+        """(status, why) when the step is left out this time, else None."""
+        return None
+
+    def resume(self) -> list[str]:
+        """Arguments that continue an interrupted attempt."""
+        return []
+
+    def stopped_at(self) -> str:
+        """Where an unfinished attempt stopped, for messages."""
+        return ""
+
+    def failed(self, study: "Study", why: str, seconds: float, extra: list[str], log: Path) -> str:
+        return (f"step {self.name} failed after {seconds:.0f} s: {why} -- rerun it alone: {self.shown(extra)} "
+                f"(log: {display(log)}), or continue the study: {study.command}")
+
+    def describe(self, study: "Study") -> str:
+        if self.status != "done":
+            return f"not run: {self.note}" if self.note else "not run"
+        return self.what(study)
+
+
+@dataclass
+class DataStep(Step):
+    """A data/*/prepare.py: done when its output folder holds every file it writes."""
+
+    outputs: tuple[str, ...] = ("train.bin", "val.bin", "meta.json")
+    release: Release | None = None  # what it downloads, if anything
+    local_flag: str = ""  # the study's setting that takes a local copy of it instead
+
+    @property
+    def out(self) -> Path:
+        return Path(self.settings["out_dir"])
+
+    def meta(self) -> dict:
+        return json.loads((self.out / "meta.json").read_text())
+
+    def done(self, study) -> bool:
+        return all((self.out / f).is_file() for f in self.outputs)
+
+    def failed(self, study, why, seconds, extra, log) -> str:
+        if self.release and why.startswith(DOWNLOAD_FAILED):  # two lines: what failed, and what to do offline
+            return f"step {self.name}: {why}\n" + self.release.offline_hint(
+                f"{study.command} --{self.local_flag}={self.release.name}")
+        return super().failed(study, why, seconds, extra, log)
+
+    def what(self, study) -> str:
+        meta = self.meta()
+        return f"{self.title(meta)}: {meta['train_tokens']:,} training and {meta['val_tokens']:,} validation tokens"
+
+    def title(self, meta: dict) -> str:
+        raise NotImplementedError
+
+    def train_tokens(self) -> int:
+        """The tokens of its training split: counted once prepared, guessed before."""
+        return self.meta()["train_tokens"] if self.done(None) else self.guess_tokens()
+
+    def guess_tokens(self) -> int:
+        raise NotImplementedError
+
+
+@dataclass
+class TextData(DataStep):
+    def done(self, study) -> bool:
+        if not super().done(study):
+            return False
+        self.check_sources()
+        return True
+
+    def check_sources(self) -> None:
+        """Prepared tokens are reused only if they are of the corpus the study names."""
+        from gpt2study.text_data import expand_sources
+
+        made = {Path(p).resolve() for p in self.meta().get("sources", [])}
+        wanted = {p.resolve() for p in expand_sources(list(self.settings["src"]))}
+        if made != wanted:
+            raise UserError(f"{display(self.out)} holds the tokens of other files ({len(made)}, e.g. "
+                            f"{display(min(made)) if made else 'none'}) than the study's corpus ({len(wanted)} "
+                            f"file(s)); set pretrain_data to another folder, or delete that one to prepare it again")
+
+    def title(self, meta) -> str:
+        return f"{len(meta['sources'])} text file(s)"
+
+    def guess_tokens(self) -> int:
+        from gpt2study.text_data import expand_sources
+
+        return sum(p.stat().st_size for p in expand_sources(list(self.settings["src"]))) // 4  # ~4 bytes a token
+
+
+@dataclass
+class WikiTextData(DataStep):
+    wikitext: WikiText | None = None
+
+    def title(self, meta) -> str:
+        return self.wikitext.title
+
+    def guess_tokens(self) -> int:
+        return self.wikitext.train_tokens
+
+
+@dataclass
+class E2EData(DataStep):
+    outputs: tuple[str, ...] = ("train.jsonl", "dev.jsonl", "test.jsonl", "meta.json")
+
+    def what(self, study) -> str:
+        c = self.meta()["counts"]
+        return (f"E2E NLG: {c['train']['pairs']:,} training pairs, {c['dev']['pairs']:,} validation pairs, "
+                f"{c['test']['mrs']:,} test MRs")
+
+
+@dataclass
+class TrainingStep(Step):
+    """train.py or finetune.py: done when its last checkpoint is at the run's last step; an unfinished run
+    is resumed."""
+
+    @property
+    def out(self) -> Path:
+        return Path(self.settings["out_dir"])
+
+    def progress(self) -> tuple[int, int] | None:
+        """(step, total) of the run's last checkpoint, or None when it has none."""
+        ckpt = find_checkpoint(self.out)
+        if ckpt is None:
+            return None
+        info = run_info(ckpt)
+        return info["step"], info["total_steps"]
+
+    def done(self, study) -> bool:
+        p = self.progress()
+        return p is not None and p[0] >= p[1]
+
+    def resume(self) -> list[str]:
+        p = self.progress()
+        if p is None:  # (an attempt that left no checkpoint: the trainer sets its logs aside)
+            return []
+        self.resumed_from = p[0]
+        print(f"step {self.name}: resuming at step {p[0]} of {p[1]}", flush=True)
+        return ["--init_from=resume"]
+
+    def stopped_at(self) -> str:
+        p = self.progress()
+        return f" at step {p[0]} of {p[1]}" if p is not None else ""
+
+    def records(self) -> list[dict]:
+        from gpt2study.plots import read_metrics
+
+        return read_metrics(self.out / "metrics.jsonl")
+
+    def summary(self) -> dict | None:
+        """What the finished run trained, on what, and how far it got."""
+        ckpt = find_checkpoint(self.out)
+        if ckpt is None:
+            return None
+        info = run_info(ckpt)
+        train = info["train"]
+        records = self.records()
+        val = [r for r in records if r["split"] == "val"]
+        train_recs = [r for r in records if r["split"] == "train"]
+        batch = info.get("global_batch") or train["batch_size"] * train["grad_accum"] * info.get("processes", 1)
+        summary = {"run": self.settings["out_dir"], "steps": info["step"], "total_steps": info["total_steps"],
+                   "global_batch": batch, "epochs": train_recs[-1]["epoch"] if train_recs else None,
+                   "model": info["model"], "final_val": val[-1] if val else None}
+        return {**summary, **self.more(info, ckpt, train_recs, batch)}
+
+    def more(self, info: dict, ckpt: Path, train_recs: list[dict], batch: int) -> dict:
+        """What the summary says about this kind of run."""
+        raise NotImplementedError
+
+
+@dataclass
+class Pretraining(TrainingStep):
+    def more(self, info, ckpt, train_recs, batch) -> dict:
+        from safetensors import safe_open
+
+        with safe_open(str(ckpt / MODEL_FILE), framework="pt") as f:
+            parameters = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
+        per_step = batch * info["model"]["block_size"]
+        seen = (train_recs[-1].get("tokens_seen") if train_recs else None) or info["step"] * per_step
+        return {"parameters": parameters, "tokens_per_step": per_step, "tokens_seen": seen,
+                "init_from": info["init_from"], "data_dir": info["data_dir"]}
+
+    def what(self, study) -> str:
+        s = self.summary()
+        m = s["model"]
+        start = "from scratch" if s["init_from"] == "scratch" else f"from `{display(s['init_from'])}`"
+        epochs = f", {s['epochs']:.2f} epochs" if s["epochs"] is not None else ""
+        return (f"GPT-2 of {m['n_layer']} layers, {m['n_head']} heads, {m['n_embd']} dims, context {m['block_size']} "
+                f"({s['parameters'] / 1e6:.1f}M parameters), {start}: {s['steps']:,} steps of {s['global_batch']} x "
+                f"{m['block_size']} tokens ({count(s['tokens_seen'])} tokens{epochs}); {val_text(s['final_val'])}")
+
+    def tokens_to_train(self, train_tokens: int) -> int:
+        """The tokens the whole run reads, from the size of its training split."""
+        c = self.parsed
+        batch = c.batch_size * c.grad_accum
+        steps = c.max_iters or math.ceil(c.epochs * max(1, (train_tokens - 1) // c.block_size // batch))
+        return steps * batch * c.block_size
+
+
+@dataclass
+class LoRA(TrainingStep):
+    def more(self, info, ckpt, train_recs, batch) -> dict:
+        train = info["train"]
+        return {"base": info["base"], "lora": info["lora"], "pairs_seen": info["step"] * batch,
+                "train_subset": train.get("train_subset", 0), "label_smoothing": train["label_smoothing"]}
+
+    def adapter(self) -> Path:
+        return (find_checkpoint(self.out) / ADAPTER_FILE).resolve()
+
+    def what(self, study) -> str:
+        s = self.summary()
+        lora = s["lora"]
+        subset = f" of a {s['train_subset']:,}-pair subset" if s["train_subset"] else ""
+        epochs = f", {s['epochs']:.2f} epochs{subset}" if s["epochs"] is not None else ""
+        return (f"LoRA r={lora['lora_r']}, alpha {lora['lora_alpha']:g} on {', '.join(lora['lora_targets'])} of "
+                f"`{display(s['base'])}`: {s['steps']:,} steps of {s['global_batch']} pairs "
+                f"({s['pairs_seen']:,} pairs{epochs}); E2E {val_text(s['final_val'])}")
+
+
+@dataclass
+class GPT2MediumLoRA(LoRA):
+    """LoRA on OpenAI's GPT-2 medium: left out, with the reason and the command, when its weights cannot be had
+    (unless gpt2m='on')."""
+
+    def unavailable(self, study) -> tuple[str, str] | None:
+        gpt2m = study.cfg.gpt2m
+        why = "switched off (gpt2m='off')" if gpt2m == "off" else self.why_no_weights()
+        if why and gpt2m == "on":
+            raise UserError(f"step {self.name}: {why} (or --gpt2m=auto skips it when the weights cannot be had)")
+        if why is None:
+            return None
+        if gpt2m == "off":
+            without = [a for a in shlex.split(study.command) if not a.startswith("--gpt2m=")]
+            how = shlex.join([*without, "--gpt2m=auto"])
+        else:
+            how = f"{self.shown()} (add --init_from=FOLDER for a local copy of the weights), then {study.command}"
+        return ("off" if gpt2m == "off" else "skipped"), f"{why}; to run it: {how}"
+
+    def why_no_weights(self) -> str | None:
+        """Why the GPT-2 medium base cannot be had, or None (it is fetched into the Hub's cache if it can be)."""
+        init_from = self.parsed.init_from
+        if Path(init_from).exists():  # a local folder: finetune.py checks it
+            return None
+        from gpt2study.pretrained import gpt2_folder
+
+        try:
+            gpt2_folder(init_from)
+        except UserError as e:
+            return str(e)
+        return None
+
+
+@dataclass
+class Samples(Step):
+    """sample.py, appending to a file: done when its last block holds a continuation of every prompt."""
+
+    def expected(self) -> int:
+        prompts = Path(self.settings["prompts"]).read_text(encoding="utf-8").splitlines()
+        return sum(1 for p in prompts if p.strip()) * self.parsed.num_samples
+
+    def samples(self) -> tuple[str, list[str]] | None:
+        """(settings, continuations) of the last complete block sample.py appended to the file, if any."""
+        path = Path(self.settings["out"])
+        if not path.is_file():
+            return None
+        text = path.read_text(encoding="utf-8")
+        if not text.endswith("\n\n"):  # sample.py ends a finished block with a blank line
+            return None
+        lines = text.rstrip("\n").split("\n")
+        headers = [i for i, line in enumerate(lines) if line.startswith("# ")]  # each run of sample.py starts one
+        if not headers or len(lines) - headers[-1] - 1 != self.expected():
+            return None
+        date, time_, settings = lines[headers[-1]][2:].split(" ", 2)
+        return settings, lines[headers[-1] + 1:]
+
+    def done(self, study) -> bool:
+        return self.samples() is not None
+
+    def what(self, study) -> str:
+        settings, lines = self.samples()
+        return f"{len(lines)} continuations ({settings})"
+
+
+def scores_file(eval_dir) -> Path | None:
+    found = sorted(Path(eval_dir).glob("scores*.json"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+@dataclass
+class Evaluation(Step):
+    """e2e_eval.py on every LoRA run that finished: each gives a row before and one after."""
+
+    def update(self, study) -> None:
+        self.settings["configs"] = tuple(str(s.config) for s in study.finished(LoRA))
+
+    def done(self, study) -> bool:
+        # the table is current when it scored every finished adapter, and after it was made
+        path = scores_file(self.settings["out_dir"])
+        if path is None:
+            return False
+        systems = json.loads(path.read_text())["systems"].values()
+        scored = {Path(v["adapter"]).resolve() for v in systems if v.get("adapter")}
+        return all(run.adapter() in scored and run.adapter().stat().st_mtime <= path.stat().st_mtime
+                   for run in study.finished(LoRA))
+
+    def what(self, study) -> str:
+        return (f"{self.parsed.method} decoding of the E2E test MRs, {len(self.settings['configs'])} LoRA config(s), "
+                "scored")
+
+
+# ----------------------------------------------------------------------------- the plan
 
 # Settings the study makes itself (where each run lives and what it starts from), per step.
 PLACED = {"pretrain": {"out_dir", "data_dir"}, "pretrain_continue": {"out_dir", "data_dir", "init_from"},
@@ -98,170 +428,178 @@ def parse_overrides(step: str, field_name: str, cls, base: str, args: tuple[str,
     return cfg, {k: getattr(cfg, k) for k in keys}
 
 
-def plan(cfg: StudyConfig) -> list[Step]:
-    """The study's steps, every setting checked; nothing is written yet."""
+def absolute(path: str) -> str | None:
+    return os.path.abspath(path) if path else None
+
+
+def data_steps(cfg: StudyConfig, cfgs: Path) -> tuple[DataStep, DataStep]:
+    """The pretraining text (local files, or a WikiText release) and E2E."""
+    from gpt2study.e2e_release import RELEASE as E2E_RELEASE
     from gpt2study.text_data import expand_sources
 
     out = Path(os.path.abspath(cfg.out_dir))
-    cfgs = out / "configs"
-    data = os.path.abspath(cfg.pretrain_data or (out / "data" / "corpus" if cfg.corpus else "data/wikitext103"))
-    e2e = os.path.abspath(cfg.e2e_data)
-    run1, run2 = out / "pretrain", out / "pretrain_continue"
-    steps = []
     if cfg.corpus:
         sources = tuple(os.path.abspath(s.strip()) for s in cfg.corpus.split(",") if s.strip())
         try:  # a missing file stops the study now, not after an hour
             expand_sources(list(sources))
         except UserError as e:
             raise UserError(f"corpus: {e}") from None
-        steps.append(Step("data_text", "data/text/prepare.py", "text", cfgs / "data_text.py",
-                          {"src": sources, "out_dir": data}))
+        data = absolute(cfg.pretrain_data) or str(out / "data" / "corpus")
+        text = TextData("data_text", "data/text/prepare.py", cfgs / "data_text.py", {"src": sources, "out_dir": data})
     else:
-        src = os.path.abspath(cfg.wikitext_src) if cfg.wikitext_src else None
-        steps.append(Step("data_wikitext", "data/wikitext103/prepare.py", "wikitext", cfgs / "data_wikitext.py",
-                          {"src": src, "out_dir": data}, hint="offline, the study takes "
-                          "--wikitext_src=wikitext-103-raw-v1.zip (or its folder), or --corpus='FILES'"))
-    steps.append(Step("data_e2e", "data/e2e/prepare.py", "e2e", cfgs / "data_e2e.py",
-                      {"src": os.path.abspath(cfg.e2e_src) if cfg.e2e_src else None, "out_dir": e2e},
-                      hint="offline, the study takes --e2e_src=e2e-dataset.zip (or its folder)"))
+        wikitext = RELEASES[cfg.wikitext]
+        data = absolute(cfg.pretrain_data) or str(wikitext.default_out)
+        text = WikiTextData("data_wikitext", f"data/wikitext{cfg.wikitext}/prepare.py", cfgs / "data_wikitext.py",
+                            {"src": absolute(cfg.wikitext_src), "url": cfg.wikitext_url or None, "out_dir": data},
+                            release=wikitext.release, local_flag="wikitext_src", wikitext=wikitext)
+    e2e = E2EData("data_e2e", "data/e2e/prepare.py", cfgs / "data_e2e.py",
+                  {"src": absolute(cfg.e2e_src), "url": cfg.e2e_url or None, "out_dir": os.path.abspath(cfg.e2e_data)},
+                  release=E2E_RELEASE, local_flag="e2e_src")
+    return text, e2e
 
-    def training(name, script, kind, base, overrides_field, cls, **placed):
+
+def plan(cfg: StudyConfig) -> list[Step]:
+    """The study's steps, every setting checked; nothing is written yet."""
+    out = Path(os.path.abspath(cfg.out_dir))
+    cfgs = out / "configs"
+    text, e2e = data_steps(cfg, cfgs)
+    data, e2e_dir = text.settings["out_dir"], e2e.settings["out_dir"]
+    run1, run2 = out / "pretrain", out / "pretrain_continue"
+
+    def training(kind, name, script, base, overrides_field, cls, **placed):
         parsed, values = parse_overrides(name, overrides_field, cls, base, getattr(cfg, overrides_field))
         placed = {k: str(v) for k, v in placed.items()}
-        return Step(name, script, kind, cfgs / f"{name}.py", {**placed, **values}, include=os.path.abspath(base),
+        return kind(name, script, cfgs / f"{name}.py", {**placed, **values}, include=os.path.abspath(base),
                     parsed=parsed)
 
-    steps.append(training("pretrain", "train.py", "train", cfg.pretrain_config, "pretrain_overrides",
-                          PretrainConfig, out_dir=run1, data_dir=data))
-    steps.append(training("pretrain_continue", "train.py", "train", cfg.continue_config, "continue_overrides",
-                          PretrainConfig, out_dir=run2, data_dir=data, init_from=run1))
+    steps = [text, e2e,
+             training(Pretraining, "pretrain", "train.py", cfg.pretrain_config, "pretrain_overrides", PretrainConfig,
+                      out_dir=run1, data_dir=data),
+             training(Pretraining, "pretrain_continue", "train.py", cfg.continue_config, "continue_overrides",
+                      PretrainConfig, out_dir=run2, data_dir=data, init_from=run1)]
     parsed, values = parse_overrides("samples", "sample_overrides", SampleConfig, "", cfg.sample_overrides)
     if not Path(cfg.prompts).is_file():
         raise UserError(f"prompt file {cfg.prompts} not found")
-    steps.append(Step("samples", "sample.py", "sample", cfgs / "samples.py",
-                      {"model": str(run2), "prompts": os.path.abspath(cfg.prompts), "out": str(out / "samples.txt"),
-                       **values}, parsed=parsed))
-    steps.append(training("lora_e2e", "finetune.py", "lora", cfg.lora_config, "lora_overrides", FinetuneConfig,
-                          out_dir=out / "lora_e2e", data_dir=e2e, init_from=run2))
+    steps.append(Samples("samples", "sample.py", cfgs / "samples.py",
+                         {"model": str(run2), "prompts": os.path.abspath(cfg.prompts),
+                          "out": str(out / "samples.txt"), **values}, parsed=parsed))
+    steps.append(training(LoRA, "lora_e2e", "finetune.py", cfg.lora_config, "lora_overrides", FinetuneConfig,
+                          out_dir=out / "lora_e2e", data_dir=e2e_dir, init_from=run2))
     if cfg.gpt2m_config:
-        steps.append(training("lora_e2e_gpt2m", "finetune.py", "lora", cfg.gpt2m_config, "gpt2m_overrides",
-                              FinetuneConfig, out_dir=out / "lora_e2e_gpt2m", data_dir=e2e))
+        steps.append(training(GPT2MediumLoRA, "lora_e2e_gpt2m", "finetune.py", cfg.gpt2m_config, "gpt2m_overrides",
+                              FinetuneConfig, out_dir=out / "lora_e2e_gpt2m", data_dir=e2e_dir))
     parsed, values = parse_overrides("e2e_eval", "eval_overrides", EvalConfig, "", cfg.eval_overrides)
-    steps.append(Step("e2e_eval", "e2e_eval.py", "eval", cfgs / "e2e_eval.py",
-                      {"configs": (), "out_dir": str(out / "e2e_eval"), "data_dir": e2e, **values}, parsed=parsed))
+    steps.append(Evaluation("e2e_eval", "e2e_eval.py", cfgs / "e2e_eval.py",
+                            {"configs": (), "out_dir": str(out / "e2e_eval"), "data_dir": e2e_dir, **values},
+                            parsed=parsed))
     return steps
 
 
-def write_config(step: Step, study_cmd: str) -> None:
-    lines = [f"# Written by `{study_cmd}`, step {step.name}: edit the study's config, not this file.",
-             f"# Run the step alone: {shown(step)}"]
-    if step.include:
-        lines.append(f"include({step.include!r})")
-    lines += [f"{k} = {v!r}" for k, v in step.settings.items()]
-    atomic_write(step.config, "\n".join(lines) + "\n")
+class Times:
+    """Each step's wall time, summed over the study's runs of it (an interrupted step and its
+    resumption), kept in OUT_DIR/logs/times.json."""
+
+    def __init__(self, out: Path):
+        self.path = out / "logs" / "times.json"
+        self.seconds = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+        write_atomic(self.path, json.dumps(self.seconds, indent=2) + "\n")
 
 
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as e:  # a full disk, say: no half-written file, and the last whole one kept
-        tmp.unlink(missing_ok=True)
-        kept = "the earlier one is kept" if path.exists() else "nothing was written"
-        raise UserError(f"could not write {path}: {e.strerror or e}; {kept}") from None
+@dataclass
+class Study:
+    cfg: StudyConfig
+    command: str  # the command line that runs (and continues) it
+    steps: list[Step] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.steps = self.steps or plan(self.cfg)
+        self.times = Times(self.out)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out_dir)
+
+    def step(self, name: str) -> Step:
+        return next(s for s in self.steps if s.name == name)
+
+    def finished(self, kind: type) -> list:
+        return [s for s in self.steps if isinstance(s, kind) and s.status == "done"]
 
 
-# ----------------------------------------------------------------------------- is a step done?
+# ----------------------------------------------------------------------------- how long it will take
+
+LONG_S = 3 * 3600  # an estimate beyond this says which smaller preset to choose
+PRESETS = ("config/study.py", "config/study_small.py", "config/study_tiny.py")  # largest first
 
 
-def progress(run_dir) -> tuple[int, int] | None:
-    """(step, total) of a run's last checkpoint, or None when it has none."""
-    ckpt = find_checkpoint(run_dir)
-    if ckpt is None:
-        return None
-    info = run_info(ckpt)
-    return info["step"], info["total_steps"]
+def seconds_per_token(cfg: PretrainConfig) -> tuple[float, str]:
+    """(seconds, device): the time of a forward and backward pass of run 1's model on its device, per token,
+    the fastest of two after a first one."""
+    import contextlib
+
+    import torch
+
+    from gpt2study.cli import pick, resolve_device
+    from model import GPT, GPTConfig
+
+    device = resolve_device(cfg.device)
+    torch.manual_seed(0)
+    model = GPT(pick(GPTConfig, cfg)).to(device)
+    rows = cfg.batch_size if device.startswith("cuda") else 1  # a CPU's time grows with the rows anyway
+    x = torch.randint(cfg.vocab_size, (rows, cfg.block_size), device=device)
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype)
+    cast = torch.autocast(device.split(":")[0], dtype=dtype) if dtype else contextlib.nullcontext()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        with cast:
+            _, loss = model(x, x)
+        loss.backward()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    del model, x, loss
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "this CPU"
+    return min(times[1:]) / (rows * cfg.block_size), name
 
 
-def last_samples(path: Path, expected: int) -> tuple[str, list[str]] | None:
-    """(settings, continuations) of the last complete block sample.py appended to `path`, if any."""
-    if not path.is_file():
-        return None
-    text = path.read_text(encoding="utf-8")
-    if not text.endswith("\n\n"):  # sample.py ends a finished block with a blank line
-        return None
-    lines = text.rstrip("\n").split("\n")
-    headers = [i for i, line in enumerate(lines) if line.startswith("# ")]  # each run of sample.py starts one
-    if not headers or len(lines) - headers[-1] - 1 != expected:
-        return None
-    date, time_, settings = lines[headers[-1]][2:].split(" ", 2)
-    return settings, lines[headers[-1] + 1:]
+def duration(seconds: float) -> str:
+    for unit, size in (("days", 86400), ("hours", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.0f} {unit}" if seconds < 20 * size else f"{seconds / size:,.0f} {unit}"
+    return f"{seconds:.0f} s"
 
 
-def scores_file(eval_dir) -> Path | None:
-    found = sorted(Path(eval_dir).glob("scores*.json"), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
+def smaller_preset(argv: list[str]) -> str | None:
+    """The next smaller preset than the one the study runs (config/study_small.py for a config of its own)."""
+    given = [os.path.realpath(a) for a in argv if a.endswith(".py") and not a.startswith("-")]
+    for i, preset in enumerate(PRESETS):
+        if os.path.realpath(REPO / preset) in given:
+            return PRESETS[i + 1] if i + 1 < len(PRESETS) else None
+    return PRESETS[1]
 
 
-def is_done(step: Step, steps: list[Step]) -> bool:
-    s = step.settings
-    if step.kind in ("text", "wikitext"):
-        done = all((Path(s["out_dir"]) / f).is_file() for f in ("train.bin", "val.bin", "meta.json"))
-        if done and step.kind == "text":
-            check_sources(step)
-        return done
-    if step.kind == "e2e":
-        return all((Path(s["out_dir"]) / f).is_file() for f in ("train.jsonl", "dev.jsonl", "test.jsonl", "meta.json"))
-    if step.kind in ("train", "lora"):
-        p = progress(s["out_dir"])
-        return p is not None and p[0] >= p[1]
-    if step.kind == "sample":
-        return last_samples(Path(s["out"]), n_continuations(step)) is not None
-    # the table is current when it scored every finished adapter, and after it was made
-    path = scores_file(s["out_dir"])
-    if path is None:
-        return False
-    systems = json.loads(path.read_text())["systems"].values()
-    scored = {Path(v["adapter"]).resolve() for v in systems if v.get("adapter")}
-    for lora in (x for x in steps if x.kind == "lora" and x.status == "done"):
-        adapter = (find_checkpoint(lora.settings["out_dir"]) / ADAPTER_FILE).resolve()
-        if adapter not in scored or adapter.stat().st_mtime > path.stat().st_mtime:
-            return False
-    return True
-
-
-def check_sources(step: Step) -> None:
-    """Prepared tokens are reused only if they are of the corpus the study names."""
-    from gpt2study.text_data import expand_sources
-
-    out = step.settings["out_dir"]
-    made = {Path(p).resolve() for p in json.loads((Path(out) / "meta.json").read_text()).get("sources", [])}
-    wanted = {p.resolve() for p in expand_sources(list(step.settings["src"]))}
-    if made != wanted:
-        raise UserError(f"{display(out)} holds the tokens of other files ({len(made)}, e.g. "
-                        f"{display(min(made)) if made else 'none'}) than the study's corpus ({len(wanted)} file(s)); "
-                        f"set pretrain_data to another folder, or delete that one to prepare it again")
-
-
-def n_continuations(step: Step) -> int:
-    prompts = Path(step.settings["prompts"]).read_text(encoding="utf-8").splitlines()
-    return sum(1 for p in prompts if p.strip()) * step.parsed.num_samples
-
-
-def gpt2m_unavailable(step: Step) -> str | None:
-    """Why the GPT-2 medium base cannot be had, or None (it is fetched into the Hub's cache if it can be)."""
-    init_from = step.parsed.init_from
-    if Path(init_from).exists():  # a local folder: finetune.py checks it
-        return None
-    from gpt2study.pretrained import gpt2_folder
-
-    try:
-        gpt2_folder(init_from)
-    except UserError as e:
-        return str(e)
-    return None
+def say_how_long(study: Study, smaller: str | None) -> None:
+    """One line before the first step: how long pretraining will take here; when that is hours, which smaller
+    preset to choose (the study goes on all the same)."""
+    runs = [s for s in study.steps if isinstance(s, Pretraining) and not s.done(study)]
+    if not runs:
+        return
+    data = study.steps[0]
+    tokens = 0
+    for run in runs:
+        p = run.progress()
+        tokens += run.tokens_to_train(data.train_tokens()) * (1 - p[0] / p[1] if p else 1)
+    per_token, device = seconds_per_token(runs[0].parsed)
+    seconds = tokens * per_token
+    line = (f"study: pretraining ({', '.join(r.name for r in runs)}: {count(tokens)} tokens) will take about "
+            f"{duration(seconds)} on {device} (from timed steps of its model)")
+    if seconds > LONG_S and smaller:
+        line += f"; that is long for this machine: a smaller study is python study.py {smaller}"
+    print(line, flush=True)
 
 
 # ----------------------------------------------------------------------------- running a step
@@ -321,120 +659,52 @@ def error_line(tail: str, rc: int) -> str:
     return f"exit status {rc}" + (f": {lines[-1]}" if lines else "")
 
 
-class Times:
-    """Each step's wall time, summed over the study's runs of it (an interrupted step and its
-    resumption), kept in OUT_DIR/logs/times.json."""
-
-    def __init__(self, out: Path):
-        self.path = out / "logs" / "times.json"
-        self.seconds = json.loads(self.path.read_text()) if self.path.is_file() else {}
-
-    def add(self, name: str, seconds: float) -> None:
-        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
-        atomic_write(self.path, json.dumps(self.seconds, indent=2) + "\n")
+def write_config(step: Step, study_cmd: str) -> None:
+    lines = [f"# Written by `{study_cmd}`, step {step.name}: edit the study's config, not this file.",
+             f"# Run the step alone: {step.shown()}"]
+    if step.include:
+        lines.append(f"include({step.include!r})")
+    lines += [f"{k} = {v!r}" for k, v in step.settings.items()]
+    write_atomic(step.config, "\n".join(lines) + "\n")
 
 
-def run_step(step: Step, steps: list[Step], cfg: StudyConfig, times: Times, study_cmd: str) -> None:
-    out = Path(cfg.out_dir)
-    if step.kind == "eval":  # every LoRA run that exists: each gives a row before and one after
-        step.settings["configs"] = tuple(str(s.config) for s in steps if s.kind == "lora" and s.status == "done")
-    write_config(step, study_cmd)
-    if is_done(step, steps):
+def run_step(step: Step, study: Study) -> None:
+    step.update(study)
+    write_config(step, study.command)
+    if step.done(study):
         step.status = "done"
         print(f"step {step.name}: skipped (done)", flush=True)
         return
     t0 = time.perf_counter()  # GPT-2 medium's download, if any, is part of its step
-    if step.name == "lora_e2e_gpt2m":
-        why = "switched off (gpt2m='off')" if cfg.gpt2m == "off" else gpt2m_unavailable(step)
-        if why and cfg.gpt2m == "on":
-            raise UserError(f"step {step.name}: {why} (or --gpt2m=auto skips it when the weights cannot be had)")
-        if why:
-            without = [a for a in shlex.split(study_cmd) if not a.startswith("--gpt2m=")]
-            how = shlex.join([*without, "--gpt2m=auto"]) if cfg.gpt2m == "off" else \
-                f"{shown(step)} (add --init_from=FOLDER for a local copy of the weights), then {study_cmd}"
-            step.status, step.note = ("off" if cfg.gpt2m == "off" else "skipped"), f"{why}; to run it: {how}"
-            print(f"step {step.name}: skipped: {step.note}", flush=True)
-            return
-    extra = []
-    if step.kind in ("train", "lora"):
-        run_dir = Path(step.settings["out_dir"])
-        p = progress(run_dir)
-        if p is not None:  # (an attempt that left no checkpoint: the trainer sets its logs aside)
-            step.resumed_from, extra = p[0], ["--init_from=resume"]
-            print(f"step {step.name}: resuming at step {p[0]} of {p[1]}", flush=True)
-    log = out / "logs" / f"{step.name}.log"
-    print(f"step {step.name}: {shown(step, extra)}  (log: {display(log)})", flush=True)
-    rc, interrupted, tail = run_process(command(step, extra), log, cfg.echo)
+    left_out = step.unavailable(study)
+    if left_out:
+        step.status, step.note = left_out
+        print(f"step {step.name}: skipped: {step.note}", flush=True)
+        return
+    extra = step.resume()
+    log = study.out / "logs" / f"{step.name}.log"
+    print(f"step {step.name}: {step.shown(extra)}  (log: {display(log)})", flush=True)
+    rc, interrupted, tail = run_process(step.command(extra), log, study.cfg.echo)
     seconds = time.perf_counter() - t0
-    times.add(step.name, seconds)
-    done = rc == 0 and is_done(step, steps)
-    where = ""
-    if step.kind in ("train", "lora") and (p := progress(step.settings["out_dir"])) is not None and not done:
-        where, extra = f" at step {p[0]} of {p[1]}", ["--init_from=resume"]
+    study.times.add(step.name, seconds)
+    done = rc == 0 and step.done(study)
+    where = "" if done else step.stopped_at()
+    if where:
+        extra = ["--init_from=resume"]
     if interrupted:
         what = "done" if done else f"interrupted after {seconds:.0f} s{where}"
-        print(f"step {step.name}: {what}; the study stops here, and {study_cmd} continues it", file=sys.stderr,
+        print(f"step {step.name}: {what}; the study stops here, and {study.command} continues it", file=sys.stderr,
               flush=True)
         raise SystemExit(130)
     if not done:
         why = error_line(tail, rc) if rc else f"it ended without finishing{where}"
-        hint = f"; {step.hint}" if step.hint else ""
-        raise UserError(f"step {step.name} failed after {seconds:.0f} s: {why} -- rerun it alone: {shown(step, extra)} "
-                        f"(log: {display(log)}), or continue the study: {study_cmd}{hint}")
+        raise UserError(step.failed(study, why, seconds, extra, log))
     step.status = "done"
     resumed = f" (resumed from step {step.resumed_from})" if step.resumed_from is not None else ""
     print(f"step {step.name}: done in {seconds:.0f} s{resumed}", flush=True)
 
 
 # ----------------------------------------------------------------------------- the report
-
-
-def run_summary(step: Step) -> dict | None:
-    """What a finished training run trained, on what, and how far it got."""
-    from gpt2study.plots import read_metrics
-
-    ckpt = find_checkpoint(step.settings["out_dir"])
-    if ckpt is None:
-        return None
-    info = run_info(ckpt)
-    train = info["train"]
-    records = read_metrics(Path(step.settings["out_dir"]) / "metrics.jsonl")
-    val = [r for r in records if r["split"] == "val"]
-    train_recs = [r for r in records if r["split"] == "train"]
-    batch = info.get("global_batch") or train["batch_size"] * train["grad_accum"] * info.get("processes", 1)
-    summary = {"run": step.settings["out_dir"], "steps": info["step"], "total_steps": info["total_steps"],
-               "global_batch": batch, "epochs": train_recs[-1]["epoch"] if train_recs else None,
-               "model": info["model"], "final_val": val[-1] if val else None}
-    if step.kind == "train":
-        from safetensors import safe_open
-
-        with safe_open(str(ckpt / MODEL_FILE), framework="pt") as f:
-            summary["parameters"] = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
-        summary["tokens_per_step"] = batch * info["model"]["block_size"]
-        summary["tokens_seen"] = (train_recs[-1].get("tokens_seen") if train_recs else None) or \
-            info["step"] * summary["tokens_per_step"]
-        summary["init_from"], summary["data_dir"] = info["init_from"], info["data_dir"]
-    else:
-        summary.update(base=info["base"], lora=info["lora"], pairs_seen=info["step"] * batch,
-                       train_subset=train.get("train_subset", 0), label_smoothing=train["label_smoothing"])
-    return summary
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def data_summary(step: Step) -> str:
-    meta = json.loads((Path(step.settings["out_dir"]) / "meta.json").read_text())
-    if step.kind == "e2e":
-        c = meta["counts"]
-        return (f"E2E NLG: {c['train']['pairs']:,} training pairs, {c['dev']['pairs']:,} validation pairs, "
-                f"{c['test']['mrs']:,} test MRs")
-    name = "WikiText-103" if step.kind == "wikitext" else f"{len(meta['sources'])} text file(s)"
-    return f"{name}: {meta['train_tokens']:,} training and {meta['val_tokens']:,} validation tokens"
 
 
 def count(n: float) -> str:
@@ -448,29 +718,37 @@ def val_text(val: dict | None) -> str:
             f"accuracy {val['accuracy']:.1%}")
 
 
-def describe(step: Step, summary: dict | None, samples) -> str:
-    if step.status != "done":
-        return f"not run: {step.note}" if step.note else "not run"
-    if step.kind in ("text", "wikitext", "e2e"):
-        return data_summary(step)
-    if step.kind == "train":
-        m, s = summary["model"], summary
-        start = "from scratch" if s["init_from"] == "scratch" else f"from `{display(s['init_from'])}`"
-        epochs = f", {s['epochs']:.2f} epochs" if s["epochs"] is not None else ""
-        return (f"GPT-2 of {m['n_layer']} layers, {m['n_head']} heads, {m['n_embd']} dims, context {m['block_size']} "
-                f"({s['parameters'] / 1e6:.1f}M parameters), {start}: {s['steps']:,} steps of {s['global_batch']} x "
-                f"{m['block_size']} tokens ({count(s['tokens_seen'])} tokens{epochs}); {val_text(s['final_val'])}")
-    if step.kind == "lora":
-        s, lora = summary, summary["lora"]
-        subset = f" of a {s['train_subset']:,}-pair subset" if s["train_subset"] else ""
-        epochs = f", {s['epochs']:.2f} epochs{subset}" if s["epochs"] is not None else ""
-        return (f"LoRA r={lora['lora_r']}, alpha {lora['lora_alpha']:g} on {', '.join(lora['lora_targets'])} of "
-                f"`{display(s['base'])}`: {s['steps']:,} steps of {s['global_batch']} pairs "
-                f"({s['pairs_seen']:,} pairs{epochs}); E2E {val_text(s['final_val'])}")
-    if step.kind == "sample":
-        settings, lines = samples
-        return f"{len(lines)} continuations ({settings})"
-    return f"{step.parsed.method} decoding of the E2E test MRs, {len(step.settings['configs'])} LoRA config(s), scored"
+def pretrain_curves(study: Study) -> Path | None:
+    """Run 2 continues on the axis where run 1 ended, from its weights."""
+    from gpt2study.plots import Curve, plot_curves
+
+    curves = []
+    for i, run in enumerate(study.finished(Pretraining)):
+        before = curves[-1] if curves else None
+        curves.append(Curve(f"run {i + 1} ({run.name})", run.records(), x_per_step=run.summary()["tokens_per_step"],
+                            x_offset=before.end if before else 0.0,
+                            start=before.split("val")[-1] if before and before.split("val") else None))
+    if not curves:
+        return None
+    return plot_curves(curves, study.out / "curves_pretrain.png", x_label="tokens seen",
+                       title="Pretraining: run 2 continues from run 1's weights (dotted line)")
+
+
+def lora_curves(study: Study) -> Path | None:
+    from gpt2study.plots import Curve, plot_curves
+
+    curves = []
+    for run in study.finished(LoRA):
+        summary = run.summary()
+        label = "GPT-2 medium" if summary["base"] == "gpt2-medium" else f"ours ({Path(summary['base']).name})"
+        curves.append(Curve(f"{label} + LoRA", run.records(), x_per_step=summary["global_batch"],
+                            train_perplexity=summary["label_smoothing"] == 0))
+    if not curves:
+        return None
+    tokens = all(r.get("tokens_seen") is not None for c in curves for r in c.records)
+    return plot_curves(curves, study.out / "curves_lora.png",
+                       x_label="tokens seen" if tokens else "training pairs seen",
+                       title="LoRA on E2E NLG (validation: the reference tokens of the dev set)")
 
 
 def e2e_table(eval_step: Step, steps: list[Step]) -> tuple[str, dict]:
@@ -505,53 +783,28 @@ def e2e_table(eval_step: Step, steps: list[Step]) -> tuple[str, dict]:
     return "\n".join(lines), {**record, "systems": systems, "scores_file": str(path) if path else None}
 
 
-def write_report(cfg: StudyConfig, steps: list[Step], times: Times, study_cmd: str) -> list[Path]:
-    from gpt2study.plots import Curve, plot_curves, read_metrics
-
-    out = Path(cfg.out_dir)
-    by_name = {s.name: s for s in steps}
-    summaries = {s.name: run_summary(s) for s in steps if s.kind in ("train", "lora") and s.status == "done"}
-    sample_step = by_name["samples"]
-    samples = last_samples(Path(sample_step.settings["out"]), n_continuations(sample_step)) \
-        if sample_step.status == "done" else None
-
-    pictures = []
-    pre = [s for s in ("pretrain", "pretrain_continue") if s in summaries]
-    curves = []
-    for i, name in enumerate(pre):
-        records = read_metrics(Path(by_name[name].settings["out_dir"]) / "metrics.jsonl")
-        before = curves[-1] if curves else None  # run 2 continues on the axis where run 1 ended, from its weights
-        curves.append(Curve(f"run {i + 1} ({name})", records, x_per_step=summaries[name]["tokens_per_step"],
-                            x_offset=before.end if before else 0.0,
-                            start=before.split("val")[-1] if before and before.split("val") else None))
-    if curves:
-        pictures.append(plot_curves(curves, out / "curves_pretrain.png", x_label="tokens seen",
-                                    title="Pretraining: run 2 continues from run 1's weights (dotted line)"))
-    loras = [s for s in ("lora_e2e", "lora_e2e_gpt2m") if s in summaries]
-    curves = []
-    for name in loras:
-        records = read_metrics(Path(by_name[name].settings["out_dir"]) / "metrics.jsonl")
-        base = summaries[name]["base"]
-        label = "GPT-2 medium" if base == "gpt2-medium" else f"ours ({Path(base).name})"
-        curves.append(Curve(f"{label} + LoRA", records, x_per_step=summaries[name]["global_batch"],
-                            train_perplexity=summaries[name]["label_smoothing"] == 0))
-    if curves:
-        tokens = all(r.get("tokens_seen") is not None for c in curves for r in c.records)
-        pictures.append(plot_curves(curves, out / "curves_lora.png",
-                                    x_label="tokens seen" if tokens else "training pairs seen",
-                                    title="LoRA on E2E NLG (validation: the reference tokens of the dev set)"))
-
-    table, e2e = e2e_table(by_name["e2e_eval"], steps) if by_name["e2e_eval"].status == "done" else (
-        "The E2E table is not there yet.", None)
+def step_rows(study: Study) -> list[dict]:
     rows = []
-    for s in steps:
-        secs = times.seconds.get(s.name)
-        rows.append({"step": s.name, "command": shown(s), "config": str(s.config), "status": s.status or "not run",
-                     "what": describe(s, summaries.get(s.name), samples), "seconds": round(secs, 1) if secs else None,
-                     "log": str(out / "logs" / f"{s.name}.log"), "run": summaries.get(s.name)})
+    for s in study.steps:
+        secs = study.times.seconds.get(s.name)
+        summary = s.summary() if isinstance(s, TrainingStep) and s.status == "done" else None
+        rows.append({"step": s.name, "command": s.shown(), "config": str(s.config), "status": s.status or "not run",
+                     "what": s.describe(study), "seconds": round(secs, 1) if secs else None,
+                     "log": str(study.out / "logs" / f"{s.name}.log"), "run": summary})
+    return rows
+
+
+def write_report(study: Study) -> list[Path]:
+    out, steps = study.out, study.steps
+    pictures = [p for p in (pretrain_curves(study), lora_curves(study)) if p]
+    sample_step = study.step("samples")
+    samples = sample_step.samples() if sample_step.status == "done" else None
+    table, e2e = e2e_table(study.step("e2e_eval"), steps) if study.step("e2e_eval").status == "done" else (
+        "The E2E table is not there yet.", None)
+    rows = step_rows(study)
     total = sum(r["seconds"] or 0 for r in rows)
     now = f"{datetime.datetime.now():%Y-%m-%d %H:%M}"
-    md = [f"# GPT-2 study: `{study_cmd}`", "",
+    md = [f"# GPT-2 study: `{study.command}`", "",
           f"Finished {now}. Everything below is in this folder: each step's settings in `configs/`, its output in "
           f"`logs/`, its run in the folder of its name.", "",
           "## Steps", "", "| step | command | what | wall time |", "|---|---|---|---:|"]
@@ -568,35 +821,57 @@ def write_report(cfg: StudyConfig, steps: list[Step], times: Times, study_cmd: s
         md += [f"{samples[0]}:", "", "```text", *samples[1], "```"]
     else:
         md.append("Not there yet.")
-    atomic_write(out / "study.md", "\n".join(md) + "\n")
-    record = {"command": study_cmd, "finished": now, "out_dir": str(out), "steps": rows,
+    write_atomic(out / "study.md", "\n".join(md) + "\n")
+    record = {"command": study.command, "finished": now, "out_dir": str(out), "steps": rows,
               "total_seconds": round(total, 1), "e2e": e2e,
               "samples": {"settings": samples[0], "continuations": samples[1]} if samples else None,
               "pictures": [p.name for p in pictures]}
-    atomic_write(out / "study.json", json.dumps(record, indent=2, default=str) + "\n")
+    write_atomic(out / "study.json", json.dumps(record, indent=2, default=str) + "\n")
     return [out / "study.md", out / "study.json", *pictures]
 
 
 # ----------------------------------------------------------------------------- main
 
 
+def chosen_preset(argv: list[str]) -> list[str]:
+    """argv, with the preset that fits this machine in front when it names no config file; the first line
+    says which and why."""
+    rest = list(argv)
+    while rest:
+        arg = rest.pop(0)
+        if arg in ("-h", "--help") or (arg.endswith(".py") and not arg.startswith("-")):
+            return argv
+        if arg.startswith("--") and "=" not in arg and arg != "--echo" and rest:
+            rest.pop(0)  # the value of `--key value`
+    import torch
+
+    if torch.cuda.is_available():
+        preset = PRESETS[0]
+        print(f"study: no config file given; a GPU is here ({torch.cuda.get_device_name()}), so the full study: "
+              f"{preset} (smaller: python study.py {PRESETS[1]})", flush=True)
+    else:
+        preset = PRESETS[1]
+        print(f"study: no config file given and no GPU here, so the study sized for a CPU: {preset} (the full one, "
+              f"for a GPU: python study.py {PRESETS[0]})", flush=True)
+    return [display(REPO / preset), *argv]
+
+
 def main():
-    cfg = load_config(StudyConfig, sys.argv[1:], doc=__doc__)
+    argv = chosen_preset(sys.argv[1:])
+    cfg = load_config(StudyConfig, argv, doc=__doc__)
     with hold(cfg.out_dir, "study", STUDY_LOCK_FILE):  # its steps hold their own sub-folders
-        study(cfg)
+        run_study(Study(cfg, shlex.join(["python", "study.py", *sys.argv[1:]])), smaller_preset(argv))
 
 
-def study(cfg: StudyConfig):
-    study_cmd = shlex.join(["python", "study.py", *sys.argv[1:]])
-    steps = plan(cfg)
-    out = Path(cfg.out_dir)
-    times = Times(out)
-    print(f"study: {len(steps)} steps into {display(out)}/ (logs in {display(out / 'logs')}/)", flush=True)
-    for step in steps:
-        run_step(step, steps, cfg, times, study_cmd)
-    written = write_report(cfg, steps, times, study_cmd)
-    for s in steps:
-        secs = times.seconds.get(s.name)
+def run_study(study: Study, smaller: str | None) -> None:
+    print(f"study: {len(study.steps)} steps into {display(study.out)}/ (logs in {display(study.out / 'logs')}/)",
+          flush=True)
+    say_how_long(study, smaller)
+    for step in study.steps:
+        run_step(step, study)
+    written = write_report(study)
+    for s in study.steps:
+        secs = study.times.seconds.get(s.name)
         print(f"  {s.name:<18} {s.status or 'not run':<8} {f'{secs:,.0f} s' if secs else '–':>10}")
     print(f"study written: {', '.join(display(p) for p in written)}")
 

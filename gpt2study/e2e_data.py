@@ -7,17 +7,17 @@ group a line: mr, refs, prompt ids) and meta.json (counts, token statistics, che
 
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 
 from gpt2study.download import make_out_dir
 from gpt2study.e2e_release import SPLIT_FILES, fetch_release, group_by_mr, parse_pairs_csv, read_source_file
+from gpt2study.files import replacing
 from gpt2study.tokenizer import EOT, VOCAB_SIZE, encode, encode_batch
 from model import UserError
 
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "data" / "e2e" / "prepared"  # beside data/e2e/prepare.py
-PREPARE_CMD = "python data/e2e/prepare.py --src ../shared/data/e2e/e2e-dataset.zip"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "data" / "e2e" / "prepared"
+PREPARE_CMD = "python data/e2e/prepare.py"  # it downloads the release; offline, add --src e2e-dataset.zip
 
 # One `key[value]` pair of an MR and the comma or end that follows it. Keys exclude ':' and values '|'
 # so that the linearised form below can be parsed back unambiguously.
@@ -64,11 +64,9 @@ def _sha256(data: bytes) -> str:
 
 def _write_jsonl(path: Path, records) -> None:
     """Written under a temporary name, then renamed: test.jsonl, written last, marks a whole folder."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def prepare(src: Path, out_dir: Path) -> dict:
@@ -128,7 +126,8 @@ def load_prepared(out_dir, split: str) -> list[dict]:
     if split not in SPLIT_FILES:
         raise UserError(f"unknown E2E split '{split}'; choose one of {', '.join(SPLIT_FILES)}")
     if not path.is_file():
-        raise UserError(f"no prepared E2E data at '{path}'; run: {PREPARE_CMD} --out_dir {out_dir}")
+        raise UserError(f"no prepared E2E data at '{path}'; run: {PREPARE_CMD} --out_dir {out_dir} (it downloads "
+                        f"the release; offline, add --src e2e-dataset.zip)")
     records = []
     with open(path, "rb") as f:  # bytes, decoded a line at a time: an error names its line
         for line_no, line in enumerate(f, start=1):

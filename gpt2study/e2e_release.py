@@ -10,17 +10,16 @@ import re
 import zipfile
 from pathlib import Path
 
-from gpt2study.download import download
+from gpt2study.download import Release
 from model import UserError
 
 URL = "https://github.com/tuetschek/e2e-dataset/releases/download/v1.0.0/e2e-dataset.zip"
 ZIP_NAME = "e2e-dataset.zip"
-# The official file (sha256sum of ../shared/data/e2e/e2e-dataset.zip, which is that download).
-ZIP_SIZE = 1_528_421
-ZIP_SHA256 = "1261064c01907af27e8cc39e0a29a81541f6ab69208c1cbfc1be95afbb49dfac"
+# The size and sha256 of the file at URL, as downloaded from there.
+RELEASE = Release(ZIP_NAME, (URL,), size=1_528_421,
+                  sha256="1261064c01907af27e8cc39e0a29a81541f6ab69208c1cbfc1be95afbb49dfac",
+                  offline=f"python data/e2e/prepare.py --src {ZIP_NAME}")
 SPLIT_FILES = {"train": "trainset.csv", "dev": "devset.csv", "test": "testset_w_refs.csv"}
-OFFLINE_HINT = (f"offline? pass --src ../shared/data/e2e/{ZIP_NAME} or another local copy of the zip or its folder, "
-                "or --url a mirror of your own")
 
 
 # ----------------------------------------------------------------------------- reading the release
@@ -99,7 +98,4 @@ def group_by_mr(pairs) -> list[tuple[str, list[str]]]:
 
 def fetch_release(out_dir: Path, url: str | None = None) -> Path:
     """The release zip in out_dir, downloaded first (from `url` alone if given, else GitHub) if it is not there."""
-    dest = Path(out_dir) / ZIP_NAME
-    if not dest.is_file():
-        download(url or URL, dest, sha256=ZIP_SHA256, size=ZIP_SIZE, offline_hint=OFFLINE_HINT)
-    return dest
+    return RELEASE.fetch(out_dir, url)

@@ -5,6 +5,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from model import UserError
+
 
 @contextmanager
 def replacing(path) -> Iterator[Path]:
@@ -21,5 +23,11 @@ def replacing(path) -> Iterator[Path]:
 
 
 def write_atomic(path, text: str) -> None:
-    with replacing(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    """`text` into `path`, whole or not at all; a failed write (a full disk) is one line saying what was kept."""
+    path = Path(path)
+    try:
+        with replacing(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    except OSError as e:
+        kept = "the earlier one is kept" if path.exists() else "nothing was written"
+        raise UserError(f"could not write {path}: {e.strerror or e}; {kept}") from None

@@ -13,9 +13,10 @@ continues another at the point where that one ended. matplotlib's Agg backend: n
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from gpt2study.files import replacing
 
 
 @dataclass
@@ -119,10 +120,9 @@ def plot_curves(curves: list[Curve], path, *, x_label: str, title: str) -> Path:
         if ax.lines:
             ax.legend(fontsize=8)
     fig.suptitle(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with replacing(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+    finally:
+        plt.close(fig)
     return path

@@ -11,7 +11,7 @@ from gpt2study.cli import DEVICE_HELP
 from gpt2study.decoding import BEAM_RULES, METHODS
 from gpt2study.e2e_data import DEFAULT_OUT as E2E_DATA
 from gpt2study.training import TrainConfig
-from gpt2study.wikitext import DEFAULT_OUT as WIKITEXT_DATA
+from gpt2study.wikitext import WIKITEXT2, WIKITEXT103
 from lora import LoRAConfig
 from model import GPTConfig, ModelOptions, UserError, setting
 
@@ -21,7 +21,8 @@ class ReleaseSource:
     """Where a data set's release comes from: a local copy, a URL of the user's own, or the mirrors."""
 
     src: str | None = setting(None, "the release zip or its unpacked folder (default: download)")
-    url: str | None = setting(None, "download the zip from this URL only (a mirror of your own)")
+    url: str | None = setting(None, "download the zip from this URL only (a mirror of your own; several: "
+                              "GPT2STUDY_MIRRORS)")
 
     def check(self):
         if self.src and self.url:
@@ -30,7 +31,12 @@ class ReleaseSource:
 
 @dataclass
 class WikiTextConfig(ReleaseSource):
-    out_dir: str = setting(str(WIKITEXT_DATA), "output folder for the .bin files and meta.json (and the zip)")
+    out_dir: str = setting(str(WIKITEXT103.default_out), "output folder for the .bin files and meta.json (and the zip)")
+
+
+@dataclass
+class WikiText2Config(ReleaseSource):
+    out_dir: str = setting(str(WIKITEXT2.default_out), "output folder for the .bin files and meta.json (and the zip)")
 
 
 @dataclass
@@ -142,12 +148,16 @@ class ExportConfig:
 @dataclass
 class StudyConfig:
     out_dir: str = setting("out/study", "the study's folder: its runs, configs/, logs/, study.md, study.json, the PNGs")
-    corpus: str = setting("", "pretrain on local text (files, folders or globs, comma-separated; "
-                          "data/text/prepare.py); '' for WikiText-103")
-    wikitext_src: str = setting("", "WikiText-103 from a local copy (the release zip or its folder); '' downloads it")
-    pretrain_data: str = setting("", "folder of the prepared pretraining tokens; '' is data/wikitext103, or "
-                                 "OUT_DIR/data/corpus with a corpus")
-    e2e_src: str = setting("", "the E2E release zip or its folder; '' downloads it")
+    wikitext: str = setting("103", "pretrain on WikiText-103 (about 117M tokens) or on WikiText-2 (about 2.4M, "
+                            "for a CPU); both are downloaded", choices=("103", "2"))
+    wikitext_src: str = setting("", "that WikiText from a local copy (its release zip or folder); '' downloads it")
+    wikitext_url: str = setting("", "download that WikiText's zip from this URL only (a mirror of your own)")
+    corpus: str = setting("", "pretrain on local text instead (files, folders or globs, comma-separated; "
+                          "data/text/prepare.py)")
+    pretrain_data: str = setting("", "folder of the prepared pretraining tokens; '' is data/wikitext103 or "
+                                 "data/wikitext2, or OUT_DIR/data/corpus with a corpus")
+    e2e_src: str = setting("", "the E2E release from a local copy (its zip or folder); '' downloads it")
+    e2e_url: str = setting("", "download the E2E zip from this URL only (a mirror of your own)")
     e2e_data: str = setting("data/e2e/prepared", "folder of the prepared E2E data")
     pretrain_config: str = setting("config/pretrain.py", "run 1, from scratch")
     pretrain_overrides: tuple[str, ...] = setting((), "'--key=value' settings of run 1, after its config file")
@@ -166,7 +176,10 @@ class StudyConfig:
     echo: bool = setting(True, "show each step's output as it runs (it always goes to OUT_DIR/logs/STEP.log)")
 
     def check(self):
-        if self.corpus and self.wikitext_src:
-            raise UserError("give corpus (local text) or wikitext_src (WikiText-103 from a local copy), not both")
+        if self.corpus and (self.wikitext_src or self.wikitext_url):
+            raise UserError("give corpus (local text) or wikitext_src / wikitext_url (WikiText), not both")
+        for what in ("wikitext", "e2e"):
+            if getattr(self, f"{what}_src") and getattr(self, f"{what}_url"):
+                raise UserError(f"give {what}_src (a local copy) or {what}_url (a mirror), not both")
         if self.gpt2m != "off" and not self.gpt2m_config:
             raise UserError("gpt2m_config is empty: name the GPT-2 medium LoRA config, or set --gpt2m=off")

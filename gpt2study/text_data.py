@@ -10,7 +10,6 @@ GPT-2 token ids with the end-of-text token after every document.
 import glob
 import hashlib
 import json
-import os
 import random
 import re
 import urllib.parse
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt2study.download import download, make_out_dir
+from gpt2study.files import replacing
 from gpt2study.tokenizer import EOT, VOCAB_SIZE, encode_batch
 from model import UserError
 
@@ -75,9 +75,8 @@ def split_train_val(docs: list[str], val_fraction: float, seed: int) -> tuple[li
 def write_tokens(docs: list[str], path: Path) -> int:
     """uint16 token ids of the documents, each followed by EOT; written atomically."""
     ids = np.fromiter((t for doc in encode_batch(docs) for t in (*doc, EOT)), dtype=np.uint16)
-    tmp = path.with_name(path.name + ".tmp")
-    ids.tofile(tmp)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        ids.tofile(tmp)
     return len(ids)
 
 
@@ -119,5 +118,5 @@ def fetch_sources(urls, out_dir: Path) -> list[str]:
         dest = out_dir / "sources" / name
         if dest in paths:
             dest = dest.with_name(f"{i}-{name}")
-        paths.append(download(url, dest, offline_hint=f"offline? copy {name} here and pass it with --src"))
+        paths.append(download(url, dest, offline_hint=f"offline: fetch {url}, then pass the file with --src"))
     return [str(p) for p in paths]

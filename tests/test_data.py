@@ -91,17 +91,22 @@ def test_wikitext_articles_and_sources(tmp_path):
     assert documents_in(tmp_path / "from_zip" / "val.bin") == [a.strip() for a in split_articles(WIKI)]
 
 
-def test_wikitext_offline_without_src_is_one_line(tmp_path):
-    r = run_cli("data/wikitext103/prepare.py", "--out_dir", tmp_path,
-                env={"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"})
-    assert_one_line_error(r, "could not download", "--src")
+@pytest.mark.parametrize("size", ["103", "2"])
+def test_wikitext_offline_without_src_says_what_to_fetch(tmp_path, size):
+    r = run_cli(f"data/wikitext{size}/prepare.py", "--out_dir", tmp_path,
+                env={"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9", "GPT2STUDY_MIRRORS": ""})
+    zip_name = f"wikitext-{size}-raw-v1.zip"
+    assert_one_line_error(r, f"could not download {zip_name} from wikitext.smerity.com, huggingface.co")
+    assert r.stderr.strip().splitlines()[-1] == (f"offline: fetch https://wikitext.smerity.com/{zip_name}, then: "
+                                                 f"python data/wikitext{size}/prepare.py --src {zip_name}")
     assert not list(tmp_path.iterdir())  # no zip, no .part
     with pytest.raises(UserError, match="not a readable zip file"):
         (tmp_path / "bad.zip").write_text("no")
         prepare_wikitext(tmp_path / "bad.zip", tmp_path)
 
 
-@pytest.mark.parametrize("script", ["data/text/prepare.py", "data/wikitext103/prepare.py", "data/e2e/prepare.py"])
+@pytest.mark.parametrize("script", ["data/text/prepare.py", "data/wikitext103/prepare.py", "data/wikitext2/prepare.py",
+                                    "data/e2e/prepare.py"])
 def test_prepare_scripts_help_and_bad_settings(script, tmp_path):
     r = run_cli(script, "--help")
     assert r.returncode == 0 and "--src" in r.stdout and "--url" in r.stdout and "--out_dir" in r.stdout

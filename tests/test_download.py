@@ -1,5 +1,6 @@
 """download.py, hub.py and the prepare scripts' downloads, against HTTP servers on 127.0.0.1 (no internet)."""
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -20,7 +21,7 @@ from conftest import SHARED, assert_one_line_error, run_cli
 from gpt2study import download as download_module
 from gpt2study import e2e_release as release
 from gpt2study import wikitext
-from gpt2study.download import USER_AGENT, download
+from gpt2study.download import USER_AGENT, Release, download, mirror_labels
 from gpt2study.pretrained import gpt2_folder
 from gpt2study.text_data import fetch_sources
 from model import UserError
@@ -102,6 +103,12 @@ DATA = bytes(range(256)) * 4000  # ~1 MB: more than one read chunk
 SHA = hashlib.sha256(DATA).hexdigest()
 
 
+def hint_after(r) -> str:
+    """The line after a command's error line: a failed download's offline hint."""
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    return lines[next(i for i, line in enumerate(lines) if line.startswith("error: ")) + 1]
+
+
 def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
@@ -141,8 +148,8 @@ def test_a_bad_transfer_is_one_line_keeps_nothing_and_the_next_mirror_is_used(se
     server.routes |= {"/bad.zip": route, "/good.zip": serves(DATA)}
     with pytest.raises(UserError) as info:
         download(server.url("/bad.zip"), tmp_path / "x.zip", sha256=SHA, size=len(DATA), offline_hint="use --src")
-    message = str(info.value)
-    assert why in message and message.endswith("use --src") and "\n" not in message
+    message = str(info.value).splitlines()
+    assert len(message) == 2 and why in message[0] and message[1] == "use --src"  # what failed, then what to do
     assert leftovers(tmp_path) == []  # neither x.zip nor x.zip.part
     download([server.url("/bad.zip"), server.url("/good.zip")], tmp_path / "x.zip", sha256=SHA, size=len(DATA),
              offline_hint="use --src")
@@ -165,7 +172,9 @@ def test_no_network_says_it_once_and_an_interrupt_keeps_nothing(server, tmp_path
     urls = [closed_port_url(), closed_port_url()]
     with pytest.raises(UserError) as info:
         download(urls, tmp_path / "x.zip", offline_hint="offline? --src")
-    assert str(info.value).count("Connection refused") == 1 and all(u in str(info.value) for u in urls)
+    hosts = [u.split("/")[2] for u in urls]
+    assert str(info.value) == f"could not download x.zip from {', '.join(hosts)}: [Errno 111] Connection refused\n" \
+        "offline? --src"
 
     server.routes["/x.zip"] = serves(DATA)
     fetch = download_module._fetch
@@ -202,30 +211,33 @@ def fake_wikitext_zip() -> bytes:
 
 def test_wikitext_mirrors_in_order_through_hf_endpoint(server, tmp_path):
     """No --url: smerity first, then the Hub copies at HF_ENDPOINT, then S3. Internet hosts go through a
-    proxy that refuses, the Hub copy at our endpoint is not the release (sha256): one line, nothing kept."""
+    proxy that refuses, the Hub copy at our endpoint is not the release (size): each mirror once with its
+    answer, then the file to fetch and the command that takes it; nothing kept."""
     hub_path = "/datasets/mattdangerw/wikitext-103-raw/resolve/main/wikitext-103-raw-v1.zip"
     server.routes[hub_path] = serves(fake_wikitext_zip())
-    endpoint = server.url("")
+    endpoint = server.url("").split("/")[2]
     dead_proxy = "http://127.0.0.1:9"
     r = run_cli("data/wikitext103/prepare.py", "--out_dir", tmp_path, timeout=120,
-                env={"HF_ENDPOINT": endpoint, "http_proxy": dead_proxy, "https_proxy": dead_proxy, **NO_PROXY})
-    line = assert_one_line_error(r, "could not download wikitext-103-raw-v1.zip", "--src", "--url")
-    order = [line.index(url) for url in (wikitext.SMERITY_URL, endpoint + hub_path,
-                                         endpoint + "/datasets/segyges/wikitext-103/resolve/main/", wikitext.S3_URL)]
-    assert order == sorted(order)
-    assert f"{endpoint + hub_path}: offers 701 bytes, not the 191,984,949 expected" in line  # size known up front
-    assert "wikitext-103-raw-v1.zip: HTTP 404" in line and line.count("Connection refused") == 2
+                env={"HF_ENDPOINT": server.url(""), "http_proxy": dead_proxy, "https_proxy": dead_proxy, **NO_PROXY})
+    line = assert_one_line_error(r, "could not download wikitext-103-raw-v1.zip from ")
+    assert line.removeprefix("error: could not download wikitext-103-raw-v1.zip from ").split("; ") == [
+        "wikitext.smerity.com: [Errno 111] Connection refused",
+        f"{endpoint}/datasets/mattdangerw: offers 701 bytes, not the 191,984,949 expected",  # size known up front
+        f"{endpoint}/datasets/segyges: HTTP 404 Not Found",
+        "s3.amazonaws.com: [Errno 111] Connection refused"]
+    assert hint_after(r) == ("offline: fetch https://wikitext.smerity.com/wikitext-103-raw-v1.zip, then: "
+                             "python data/wikitext103/prepare.py --src wikitext-103-raw-v1.zip")
     assert leftovers(tmp_path) == []
 
 
-def test_wikitext_from_a_users_mirror(server, tmp_path, monkeypatch):
+def test_wikitext_from_a_users_mirror(server, tmp_path):
     """--url alone, checked like any mirror; here against the fake release's own size and sha256."""
     data = fake_wikitext_zip()
     server.routes["/mirror/w.zip"] = serves(data)
     (tmp_path / "src.zip").write_bytes(data)
-    monkeypatch.setattr(wikitext, "ZIP_SHA256", hashlib.sha256(data).hexdigest())
-    monkeypatch.setattr(wikitext, "ZIP_SIZE", len(data))
-    wikitext.prepare(out_dir=tmp_path / "dl", url=server.url("/mirror/w.zip"))
+    fake = dataclasses.replace(wikitext.WIKITEXT103, release=dataclasses.replace(
+        wikitext.WIKITEXT103.release, sha256=hashlib.sha256(data).hexdigest(), size=len(data)))
+    wikitext.prepare(out_dir=tmp_path / "dl", url=server.url("/mirror/w.zip"), wikitext=fake)
     wikitext.prepare(tmp_path / "src.zip", tmp_path / "local")
     assert (tmp_path / "dl" / "wikitext-103-raw-v1.zip").read_bytes() == data
     for split in ("train", "val", "test"):
@@ -237,7 +249,7 @@ def test_e2e_release_from_a_users_mirror_is_checked_by_sha256(server, tmp_path):
     official = SHARED / "data" / "e2e" / "e2e-dataset.zip"
     if not official.is_file():
         pytest.skip(f"{official} not found")
-    assert hashlib.sha256(official.read_bytes()).hexdigest() == release.ZIP_SHA256
+    assert hashlib.sha256(official.read_bytes()).hexdigest() == release.RELEASE.sha256
     tampered = bytearray(official.read_bytes())
     tampered[len(tampered) // 2] ^= 1  # the right size, one bit off
     server.routes |= {"/e2e-dataset.zip": serves(official.read_bytes(), picky=True), "/other.zip": serves(tampered)}
@@ -246,9 +258,45 @@ def test_e2e_release_from_a_users_mirror_is_checked_by_sha256(server, tmp_path):
     assert len(release.read_split(got, "test")) == 4_693
     r = run_cli("data/e2e/prepare.py", "--url", server.url("/other.zip"), "--out_dir", tmp_path / "bad",
                 env=NO_PROXY, timeout=120)
-    assert_one_line_error(r, server.url("/other.zip"), "sha256", "--src")
+    assert_one_line_error(r, "127.0.0.1", "sha256")
+    assert hint_after(r).endswith("then: python data/e2e/prepare.py --src e2e-dataset.zip")
     assert leftovers(tmp_path / "bad") == []
     assert server.log[-1][1] == "/other.zip" and len(server.log) == 2  # the user's mirror alone, not GitHub
+
+
+def test_mirrors_of_ones_own_by_environment(server, tmp_path, monkeypatch):
+    """GPT2STUDY_MIRRORS: its URLs instead of the public ones, in order, checked against the published checksums
+    unless the entry gives its own; --url still wins; a malformed entry is one line naming the variable."""
+    other = DATA[::-1]
+    server.routes |= {"/a/x.zip": fails(404), "/b/x.zip": serves(DATA), "/c/x.zip": serves(other),
+                      "/d/x.zip": serves(DATA)}
+    public = Release("x.zip", (closed_port_url(),), sha256=SHA, size=len(DATA), offline="python get.py --src x.zip")
+    table = tmp_path / "mirrors.json"
+    monkeypatch.setenv("GPT2STUDY_MIRRORS", str(table))
+    table.write_text(json.dumps({"x.zip": [server.url("/a/x.zip"), server.url("/b/x.zip")]}))
+    assert public.fetch(tmp_path / "one").read_bytes() == DATA
+    assert [path for _, path, _ in server.log] == ["/a/x.zip", "/b/x.zip"]  # never the public mirror
+    assert public.fetch(tmp_path / "one") == tmp_path / "one" / "x.zip" and len(server.log) == 2  # there: kept
+    table.write_text(json.dumps({"x.zip": server.url("/c/x.zip")}))  # another file, the published checksum
+    with pytest.raises(UserError, match="sha256"):
+        public.fetch(tmp_path / "two")
+    own = {"urls": server.url("/c/x.zip"), "sha256": hashlib.sha256(other).hexdigest()}
+    table.write_text(json.dumps({"x.zip": own}))
+    assert public.fetch(tmp_path / "three").read_bytes() == other  # its own checksum (and no size) for its own copy
+    assert public.fetch(tmp_path / "four", url=server.url("/d/x.zip")).read_bytes() == DATA  # --url first
+    assert Release("y.zip", (server.url("/d/x.zip"),), sha256=SHA, size=len(DATA), offline="").fetch(
+        tmp_path / "five").read_bytes() == DATA  # a file the table does not name: the public mirrors
+    for bad in ('{"x.zip": {"url": "http://h/x.zip"}}', '{"x.zip": 3}', "not json"):
+        table.write_text(bad)
+        with pytest.raises(UserError, match="GPT2STUDY_MIRRORS=") as info:
+            public.fetch(tmp_path / "six")
+        assert "\n" not in str(info.value)
+
+
+def test_mirror_labels_are_short_and_tell_mirrors_apart():
+    assert mirror_labels(["https://wikitext.smerity.com/w.zip", "https://huggingface.co/datasets/a/w/resolve/main/w.zip",
+                          "https://huggingface.co/datasets/b/w/resolve/main/w.zip", "http://10.0.0.1:8080/w.zip"]) == [
+        "wikitext.smerity.com", "huggingface.co/datasets/a", "huggingface.co/datasets/b", "10.0.0.1:8080"]
 
 
 def test_text_from_urls(server, tmp_path, capsys):

@@ -14,7 +14,7 @@ from conftest import REPO, SHARED, load_script
 from gpt2study import e2e_data as dataset
 from gpt2study.cli import run_main
 from gpt2study.e2e_data import format_prompt, linearize_mr, load_prepared, parse_mr, tokenize_example
-from gpt2study.e2e_release import group_by_mr, read_split
+from gpt2study.e2e_release import URL, group_by_mr, read_split
 from gpt2study.tokenizer import EOT, decode
 from model import UserError
 
@@ -148,7 +148,7 @@ def test_prepare_writes_and_loads(tmp_path, capsys):
 
 
 def test_load_prepared_missing_names_the_command(tmp_path):
-    with pytest.raises(UserError, match=r"prepare\.py"):
+    with pytest.raises(UserError, match=r"run: python data/e2e/prepare\.py --out_dir .*offline, add --src e2e-dataset"):
         load_prepared(tmp_path, "train")
 
 
@@ -158,12 +158,14 @@ def test_offline_download_is_one_line_error(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     monkeypatch.setattr(sys, "argv", ["prepare.py", "--out_dir", str(tmp_path)])
+    monkeypatch.delenv("GPT2STUDY_MIRRORS", raising=False)
     with pytest.raises(SystemExit) as exit_info:
         run_main(prepare.main)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1
-    assert err.startswith("error: ") and "--src ../shared/data/e2e/e2e-dataset.zip" in err
+    assert err.startswith("error: could not download e2e-dataset.zip from github.com: Name or service not known\n")
+    lines = err.strip().splitlines()
+    assert lines[1:] == [f"offline: fetch {URL}, then: python data/e2e/prepare.py --src e2e-dataset.zip"]
     assert not list(tmp_path.glob("*.zip*"))  # no partial download left behind
 
 

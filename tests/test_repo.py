@@ -31,7 +31,7 @@ def test_every_config_loads(config):
 
 
 ENTRY_SCRIPTS = {"train", "finetune", "sample", "e2e_eval", "export", "study",
-                 "data.text.prepare", "data.wikitext103.prepare", "data.e2e.prepare"}
+                 "data.text.prepare", "data.wikitext103.prepare", "data.wikitext2.prepare", "data.e2e.prepare"}
 
 
 def project_imports() -> dict[str, set[str]]:

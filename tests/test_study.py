@@ -53,12 +53,14 @@ def sources(root):
 
 
 def preset(root, name="study", **settings) -> str:
-    """A config file: the tiny preset on `sources(root)`, its data and outputs under `root`."""
+    """A config file: the tiny preset on `sources(root)`, its data and outputs under `root`, GPT-2 medium looked
+    for (and, offline, skipped)."""
     corpus, e2e = root / "src" / "corpus.txt", root / "src" / "e2e"
     if not corpus.exists():
         sources(root)
     values = {"out_dir": str(root / name), "pretrain_data": str(root / "data" / "corpus"),
-              "e2e_data": str(root / "data" / "e2e"), "corpus": str(corpus), "e2e_src": str(e2e), **settings}
+              "e2e_data": str(root / "data" / "e2e"), "corpus": str(corpus), "e2e_src": str(e2e), "gpt2m": "auto",
+              **settings}
     path = root / f"{name}.py"
     path.write_text(f"include({str(REPO / 'config' / 'study_tiny.py')!r})\n"
                     + "".join(f"{k} = {v!r}\n" for k, v in values.items()))
@@ -184,7 +186,7 @@ def test_a_failing_step_stops_the_study_with_its_error_and_command(study):
     line = assert_one_line_error(r, "step pretrain failed", "fewer than one optimizer step needs",
                                  f"rerun it alone: python train.py {root / 'failing' / 'configs' / 'pretrain.py'}",
                                  "python study.py")
-    assert "step data_text: skipped (done)" in r.stdout and "pretrain_continue" not in r.stdout
+    assert "step data_text: skipped (done)" in r.stdout and "step pretrain_continue" not in r.stdout
     # the command it names is the step, as the study ran it
     rerun = line.split("rerun it alone: ")[1].split(" (log:")[0].split()
     again = run_cli(*rerun[1:])

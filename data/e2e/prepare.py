@@ -1,10 +1,11 @@
 """Prepare the E2E NLG restaurant dataset (official release v1.0.0) for LoRA fine-tuning.
 
-    python data/e2e/prepare.py                                        # downloads the release (sha256 checked)
-    python data/e2e/prepare.py --src ../shared/data/e2e/e2e-dataset.zip   # a local copy: the zip or its folder
-    python data/e2e/prepare.py --url URL                              # the zip from a mirror of your own
+    python data/e2e/prepare.py                         # downloads the release (1.5 MB, sha256 checked)
+    python data/e2e/prepare.py --src e2e-dataset.zip   # offline: a local copy, the zip or its unpacked folder
+    python data/e2e/prepare.py --url URL               # the zip from a mirror of your own
 
-Without --src the zip is downloaded into OUT_DIR (once). OUT_DIR (default data/e2e/prepared)
+Without --src the zip is downloaded into OUT_DIR (once), from GitHub, or from the mirrors
+GPT2STUDY_MIRRORS names (gpt2study/download.py). OUT_DIR (default data/e2e/prepared)
 gets train.jsonl and dev.jsonl (one pair a line: mr, ref, prompt ids, target ids), test.jsonl
 (one MR group a line: mr, refs, prompt ids) and meta.json (counts, token statistics, checksums).
 """

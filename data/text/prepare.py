@@ -1,6 +1,6 @@
 """Tokenise UTF-8 text files into train.bin / val.bin for pretraining.
 
-    python data/text/prepare.py --src '../shared/data/corpus/*.txt' --out_dir data/corpus
+    python data/text/prepare.py --src 'books/*.txt' --out_dir data/corpus
     python data/text/prepare.py --url https://intranet.example/books.txt --out_dir data/books
 
 Documents are separated by blank lines (or, with --doc_sep=file, each file is one document).

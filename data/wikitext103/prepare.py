@@ -5,8 +5,9 @@
     python data/wikitext103/prepare.py --url URL        # the zip from a mirror of your own (intranet, proxy)
 
 The download tries wikitext.smerity.com, then copies on the Hugging Face Hub (through
-HF_ENDPOINT if set), then the original S3 link. Its own train / valid / test split is kept;
-articles (the lines ` = Title = `) are the documents, each followed by the end-of-text token.
+HF_ENDPOINT if set), then the original S3 link; GPT2STUDY_MIRRORS can name mirrors of your own
+instead (gpt2study/download.py). Its own train / valid / test split is kept; articles (the lines
+` = Title = `) are the documents, each followed by the end-of-text token.
 """
 
 import sys
@@ -14,12 +15,12 @@ from pathlib import Path
 
 from gpt2study.cli import load_config, run_main
 from gpt2study.settings import WikiTextConfig
-from gpt2study.wikitext import prepare
+from gpt2study.wikitext import WIKITEXT103, prepare
 
 
 def main():
     cfg = load_config(WikiTextConfig, sys.argv[1:], doc=__doc__)
-    prepare(cfg.src and Path(cfg.src), Path(cfg.out_dir), url=cfg.url)
+    prepare(cfg.src and Path(cfg.src), Path(cfg.out_dir), url=cfg.url, wikitext=WIKITEXT103)
 
 
 if __name__ == "__main__":
