@@ -303,11 +303,15 @@ def base_fingerprint(model: nn.Module) -> str:
     Reading all of GPT-2 medium's 355M values would take seconds, so each tensor contributes an
     evenly strided sample of at most FINGERPRINT_SAMPLE values (any trained or differently seeded
     weights differ there). Values are hashed rounded to bfloat16, so a base loaded in float32 or
-    cast to bfloat16 has the same fingerprint. LoRA weights are left out, and a merged model is
-    hashed with its pre-merge weights.
+    cast to bfloat16 has the same fingerprint, and so has a base whose embedding is padded to an
+    aligned size (GPT.padded_vocab) and its export without the padding. LoRA weights are left out,
+    and a merged model is hashed with its pre-merge weights.
     """
     h = hashlib.sha256()
+    vocab = model.config.vocab_size
     for name, p in sorted(_base_parameters(model), key=lambda item: item[0]):
+        if name == "transformer.wte.weight":  # its padding rows are no token: the same base padded or not
+            p = p[:vocab]
         flat = p.detach().reshape(-1)
         step = max(1, -(-flat.numel() // FINGERPRINT_SAMPLE))
         sample = flat[::step].to(torch.bfloat16).cpu().contiguous()
@@ -366,7 +370,8 @@ def read_adapter_meta(path) -> dict:
 def _check_base(model: nn.Module, meta: dict, path) -> None:
     said = meta["extra"].get("base")
     described = f" (described as {said!r})" if said else ""
-    ours, theirs = model.config.architecture(), meta["base_architecture"]
+    # an adapter from before vocab_multiple was made for a base of vocab_size rows
+    ours, theirs = model.config.architecture(), {"vocab_multiple": 1, **meta["base_architecture"]}
     differ = [f"{k} is {theirs.get(k)} there, {ours.get(k)} here" for k in sorted(ours.keys() | theirs.keys())
               if ours.get(k) != theirs.get(k)]
     if differ:
