@@ -38,6 +38,10 @@ class ModelOptions:
     dropout: float = setting(0.0, "dropout of the model's own layers while training", at_least=0.0, below=1.0)
     attn_impl: str = setting("auto", "attention: 'triton' (our kernel), 'sdpa' (PyTorch), 'auto' (the measured "
                              "faster one for the device)", choices=("auto", "triton", "sdpa"))
+    lora_impl: str = setting("auto", "LoRA layers (fine-tuning): 'unfused' (the base layer, then the rank-r update), "
+                             "'concat' (one matmul over [x | s·x·Aᵀ] and [W | B]), 'triton' (our kernel), 'auto' (the "
+                             "kernel where measured faster, else concat on CUDA; unfused elsewhere)",
+                             choices=("auto", "unfused", "concat", "triton"))
     loss_impl: str = setting("auto", "training loss: 'chunked' (never the whole logits at once: least memory), "
                              "'plain' (cross-entropy of the whole logits, which torch.compile fuses), 'auto' (plain "
                              "on CUDA, chunked elsewhere)", choices=("auto", "chunked", "plain"))
@@ -77,7 +81,7 @@ class GPTConfig(ModelOptions):
 _warned = set()
 
 
-def _warn_once(message: str) -> None:
+def warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
         warnings.warn(message, stacklevel=3)
@@ -95,9 +99,9 @@ def attention(q, k, v, mask, dropout_p: float, impl: str):
         from kernels import causal_attention, triton_available
 
         if not triton_available(q):
-            _warn_once("attn_impl='triton' needs a CUDA tensor (or TRITON_INTERPRET=1): using PyTorch SDPA")
+            warn_once("attn_impl='triton' needs a CUDA tensor (or TRITON_INTERPRET=1): using PyTorch SDPA")
         elif dropout_p > 0:
-            _warn_once("the Triton attention kernel has no dropout: using PyTorch SDPA while attention dropout is on")
+            warn_once("the Triton attention kernel has no dropout: using PyTorch SDPA while attention dropout is on")
         else:
             return causal_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
