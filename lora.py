@@ -33,12 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import UserError, setting
-
-# On CUDA, unmerged LoRA layers may run the fused Triton kernel (kernels.lora_linear), which also
-# applies the LoRA dropout itself: None takes it only on a GPU generation where it was measured
-# faster than PyTorch (kernels.wins), True or False forces the choice.
-USE_KERNEL = None
+from model import UserError, setting, warn_once
 
 # target name -> (module path inside a block, which third of the module's output it adapts;
 # None: the whole output)
@@ -89,11 +84,14 @@ class LoRALinear(nn.Module):
     `parts` maps each target name to the slot of the output it adapts, out of `n_slots` equal
     slots: q, k, v are slots 0, 1, 2 of 3 in the fused c_attn; a whole layer is slot 0 of 1.
     Each part owns lora_A[name] (r, in) and lora_B[name] (out/n_slots, r).
+    `options` (the model's config) gives lora_impl, read at each call: the unfused layers, one
+    matmul over concatenated operands (_ConcatLinear), or the Triton kernel.
     """
 
-    def __init__(self, base: nn.Linear, parts: dict[str, int], n_slots: int, cfg: LoRAConfig):
+    def __init__(self, base: nn.Linear, parts: dict[str, int], n_slots: int, cfg: LoRAConfig, options=None):
         super().__init__()
         self.base = base
+        self.options = options  # the model's config, read at each call: its lora_impl decides how the layer computes
         self.parts, self.n_slots = parts, n_slots
         self.r, self.scale, self.dropout = cfg.lora_r, cfg.scale, cfg.lora_dropout
         w = base.weight
@@ -136,12 +134,15 @@ class LoRALinear(nn.Module):
         if self.merged:  # the update is inside the base weight
             return self.base(x)
         A, B = self.lora_factors()
-        if x.is_cuda and (USE_KERNEL if USE_KERNEL is not None else _kernel_wins(x.device)):
+        impl = _lora_impl(self.options.lora_impl if self.options is not None else "auto", x)
+        if impl == "triton":
             from kernels.lora_linear import lora_linear
 
             return lora_linear(x, self.base.weight, self.base.bias, A, B, self.scale,
                                dropout_p=self.dropout, training=self.training)
         h = F.dropout(x, self.dropout, self.training)
+        if impl == "concat":
+            return _ConcatLinear.apply(x, self.scale * F.linear(h, A), self.base.weight, B, self.base.bias)
         return self.base(x) + self.scale * F.linear(F.linear(h, A), B)
 
     @torch.no_grad()
@@ -166,10 +167,58 @@ class LoRALinear(nn.Module):
         return f"parts={list(self.parts)}, r={self.r}, scale={self.scale:g}, dropout={self.dropout:g}"
 
 
-def _kernel_wins(device) -> bool:
-    from kernels import wins
+def _lora_impl(impl: str, x) -> str:
+    """What lora_impl means for input x. 'auto': our kernel on a GPU generation where it was measured faster
+    (kernels.wins); else on CUDA one matmul over concatenated operands, whose reduction grows by r columns only,
+    instead of the base matmul plus a rank-r product and an (N, out) sum; the plain layers elsewhere."""
+    if impl == "auto":
+        if not x.is_cuda:
+            return "unfused"
+        from kernels import wins
 
-    return wins("lora_linear" if torch.is_grad_enabled() else "lora_linear_fwd", device)
+        return "triton" if wins("lora_linear" if torch.is_grad_enabled() else "lora_linear_fwd", x.device) \
+            else "concat"
+    if impl == "triton":
+        from kernels import triton_available
+
+        if not triton_available(x):
+            warn_once("lora_impl='triton' needs a CUDA tensor (or TRITON_INTERPRET=1): using the unfused layer")
+            return "unfused"
+    return impl
+
+
+class _ConcatLinear(torch.autograd.Function):
+    """y = [x | t] [W | B]ᵀ + b = x Wᵀ + t Bᵀ + b as one matmul, t = s·drop(x)·Aᵀ the (N, r) LoRA activation.
+
+    Backward, again one matmul for the two input gradients: dy [W | B] = [dx | dt]; dB = dyᵀ t (thin);
+    dW only if W is trainable. Autograd carries dt on to A and x. Under autocast every operand is cast to its
+    dtype, as F.linear would."""
+
+    @staticmethod
+    def forward(ctx, x, t, weight, lora_b, bias):
+        dev = x.device.type
+        cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+        w_cat = torch.cat([weight.to(cdt), lora_b.to(cdt)], dim=1)  # (out, in + r)
+        x_cat = torch.cat([x.to(cdt), t.to(cdt)], dim=-1)  # (..., in + r)
+        y = F.linear(x_cat, w_cat, bias.to(cdt) if bias is not None else None)
+        ctx.save_for_backward(w_cat, t.to(cdt), x if ctx.needs_input_grad[2] else None)
+        ctx.dtypes = (x.dtype, t.dtype, weight.dtype, lora_b.dtype, bias.dtype if bias is not None else None)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        w_cat, t, x = ctx.saved_tensors
+        x_dt, t_dt, w_dt, b_dt, bias_dt = ctx.dtypes
+        n_in = w_cat.size(1) - t.size(-1)
+        dy = dy.to(w_cat.dtype)
+        d_cat = dy @ w_cat if ctx.needs_input_grad[0] or ctx.needs_input_grad[1] else None
+        dx = d_cat[..., :n_in].to(x_dt) if ctx.needs_input_grad[0] else None
+        dt = d_cat[..., n_in:].to(t_dt) if ctx.needs_input_grad[1] else None
+        dy2 = dy.reshape(-1, dy.size(-1))
+        dw = (dy2.t() @ x.reshape(-1, n_in).to(dy.dtype)).to(w_dt) if ctx.needs_input_grad[2] else None
+        db = (dy2.t() @ t.reshape(-1, t.size(-1))).to(b_dt) if ctx.needs_input_grad[3] else None
+        dbias = dy2.sum(0).to(bias_dt) if ctx.needs_input_grad[4] else None
+        return dx, dt, dw, db, dbias
 
 
 class LoRAEmbedding(nn.Module):
@@ -212,10 +261,11 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     cfg = LoRAConfig(**{f.name: getattr(cfg, f.name) for f in fields(LoRAConfig)})  # of a fine-tuning config, say
+    options = getattr(model, "config", None)  # its lora_impl: how the layers compute
     if "wte" in cfg.lora_targets:
         if model.lm_head.weight is not model.transformer.wte.weight:
             raise UserError("the 'wte' LoRA target needs the LM head tied to the token embedding")
-        model.lm_head = LoRALinear(model.lm_head, {"wte": 0}, 1, cfg).train(model.lm_head.training)
+        model.lm_head = LoRALinear(model.lm_head, {"wte": 0}, 1, cfg, options).train(model.lm_head.training)
         model.transformer.wte = LoRAEmbedding(model.transformer.wte, model.lm_head).train(model.training)
     # module path -> ({target: slot}, number of slots); q, k and v share one module
     by_module: dict[str, tuple[dict[str, int], int]] = {}
@@ -231,7 +281,7 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
             parent = block.get_submodule(parent_path)
             base = getattr(parent, attr)
             # a new module starts in training mode: keep the model's mode (eval: no LoRA dropout)
-            setattr(parent, attr, LoRALinear(base, parts, n_slots, cfg).train(base.training))
+            setattr(parent, attr, LoRALinear(base, parts, n_slots, cfg, options).train(base.training))
     model.lora_config = cfg
     return model
 
@@ -304,11 +354,15 @@ def base_fingerprint(model: nn.Module) -> str:
     Reading all of GPT-2 medium's 355M values would take seconds, so each tensor contributes an
     evenly strided sample of at most FINGERPRINT_SAMPLE values (any trained or differently seeded
     weights differ there). Values are hashed rounded to bfloat16, so a base loaded in float32 or
-    cast to bfloat16 has the same fingerprint. LoRA weights are left out, and a merged model is
-    hashed with its pre-merge weights.
+    cast to bfloat16 has the same fingerprint, and so has a base whose embedding is padded to an
+    aligned size (GPT.padded_vocab) and its export without the padding. LoRA weights are left out,
+    and a merged model is hashed with its pre-merge weights.
     """
     h = hashlib.sha256()
+    vocab = model.config.vocab_size
     for name, p in sorted(_base_parameters(model), key=lambda item: item[0]):
+        if name == "transformer.wte.weight":  # its padding rows are no token: the same base padded or not
+            p = p[:vocab]
         flat = p.detach().reshape(-1)
         step = max(1, -(-flat.numel() // FINGERPRINT_SAMPLE))
         sample = flat[::step].to(torch.bfloat16).cpu().contiguous()
@@ -367,7 +421,8 @@ def read_adapter_meta(path) -> dict:
 def _check_base(model: nn.Module, meta: dict, path) -> None:
     said = meta["extra"].get("base")
     described = f" (described as {said!r})" if said else ""
-    ours, theirs = model.config.architecture(), meta["base_architecture"]
+    # an adapter from before vocab_multiple was made for a base of vocab_size rows
+    ours, theirs = model.config.architecture(), {"vocab_multiple": 1, **meta["base_architecture"]}
     differ = [f"{k} is {theirs.get(k)} there, {ours.get(k)} here" for k in sorted(ours.keys() | theirs.keys())
               if ours.get(k) != theirs.get(k)]
     if differ:

@@ -39,12 +39,23 @@ class ModelOptions:
     dropout: float = setting(0.0, "dropout of the model's own layers while training", at_least=0.0, below=1.0)
     attn_impl: str = setting("auto", "attention: 'triton' (our kernel), 'sdpa' (PyTorch), 'auto' (the measured "
                              "faster one for the device)", choices=("auto", "triton", "sdpa"))
+    lora_impl: str = setting("auto", "LoRA layers (fine-tuning): 'unfused' (the base layer, then the rank-r update), "
+                             "'concat' (one matmul over [x | s·x·Aᵀ] and [W | B]), 'triton' (our kernel), 'auto' (the "
+                             "kernel where measured faster, else concat on CUDA; unfused elsewhere)",
+                             choices=("auto", "unfused", "concat", "triton"))
+    loss_impl: str = setting("auto", "training loss: 'chunked' (never the whole logits at once: least memory), "
+                             "'plain' (cross-entropy of the whole logits, which torch.compile fuses), 'auto' (plain "
+                             "on CUDA, chunked elsewhere)", choices=("auto", "chunked", "plain"))
 
 
 @dataclass
 class GPTConfig(ModelOptions):
     block_size: int = setting(1024, "longest sequence the position embedding covers", at_least=1)
     vocab_size: int = setting(50257, "GPT-2's BPE: 50,000 merges + 256 bytes + <|endoftext|>", at_least=1)
+    vocab_multiple: int = setting(128, "the embedding and LM head hold vocab_size rounded up to a multiple of this "
+                                  "(50304 rows for GPT-2's 50257): aligned rows make the head's matmul faster; the "
+                                  "extra rows are no token and never predicted. 1: no padding (OpenAI's weights)",
+                                  at_least=1)
     n_layer: int = setting(6, "transformer blocks", at_least=1)
     n_head: int = setting(12, "attention heads per block", at_least=1)
     n_embd: int = setting(768, "width of the residual stream (a multiple of n_head)", at_least=1)
@@ -53,6 +64,11 @@ class GPTConfig(ModelOptions):
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise UserError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+
+    @property
+    def padded_vocab(self) -> int:
+        """Rows of the embedding and head weights: vocab_size rounded up to a multiple of vocab_multiple."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     def architecture(self) -> dict:
         """The fields that decide the shapes of the weights (ModelOptions' do not)."""
@@ -226,15 +242,17 @@ class GPT(nn.Module):
         super().__init__()
         self.config = cfg
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+            wte=nn.Embedding(cfg.padded_vocab, cfg.n_embd),
             wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
             drop=nn.Dropout(cfg.dropout),
             h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
             ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
         ))
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying
         self.apply(self._init_weights)
+        with torch.no_grad():  # rows that are no token: zero, and they stay so (no token reads them, no loss uses them)
+            self.transformer.wte.weight[cfg.vocab_size:] = 0
         # GPT-2's scaled init: each residual branch's output projection shrinks with depth,
         # so the residual stream's variance does not grow with the number of layers.
         for name, p in self.named_parameters():
@@ -267,17 +285,30 @@ class GPT(nn.Module):
             x = block(x, cache, layer, mask)
         return self.transformer.ln_f(x)
 
+    def logits(self, x):
+        """The LM head on hidden states x (..., n_embd): logits over the vocabulary, the padding rows left out."""
+        return self.lm_head(x)[..., :self.config.vocab_size]
+
     def forward(self, idx, targets=None, label_smoothing: float = 0.0):
         """Without targets: logits (B, T, vocab), None. With targets (B, T): None, mean loss.
 
-        Targets equal to IGNORE_INDEX do not count. The loss never builds the full logits
-        (loss.py).
+        Targets equal to IGNORE_INDEX do not count. The loss follows loss_impl: the chunked one
+        never builds the full logits (kernels/linear_cross_entropy.py).
         """
         x = self.hidden_states(idx)
         if targets is None:
-            return self.lm_head(x), None
-        loss = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), label_smoothing)
-        return None, loss
+            return self.logits(x), None
+        impl = self.config.loss_impl
+        if impl == "auto":
+            impl = "plain" if x.is_cuda else "chunked"
+        x, targets = x.flatten(0, 1), targets.flatten()
+        if impl == "plain":
+            logits = self.logits(x)
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 at least under autocast
+            loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing,
+                                   reduction="sum")
+            return None, loss / (targets != IGNORE_INDEX).sum().clamp(min=1)  # the chunked loss's mean
+        return None, linear_cross_entropy(x, self.lm_head.weight, targets, label_smoothing, self.config.vocab_size)
 
     @torch.no_grad()
     def score(self, idx, targets):
@@ -287,7 +318,7 @@ class GPT(nn.Module):
         loss = x.new_zeros((), dtype=torch.float64)
         correct = torch.zeros((), dtype=torch.long, device=x.device)
         for s in range(0, x.size(0), LOSS_CHUNK):
-            logits = self.lm_head(x[s:s + LOSS_CHUNK]).float()
+            logits = self.logits(x[s:s + LOSS_CHUNK]).float()
             t = targets[s:s + LOSS_CHUNK]
             loss += F.cross_entropy(logits, t, ignore_index=IGNORE_INDEX, reduction="sum").double()
             correct += ((logits.argmax(-1) == t) & (t != IGNORE_INDEX)).sum()
@@ -329,7 +360,7 @@ class GPT(nn.Module):
                 x = self.hidden_states(step_input, cache)
             else:  # a fresh cache each step only carries the padding mask
                 x = self.hidden_states(idx, self.new_cache(B, idx.size(1), pad) if pad is not None else None)
-            logits = self.lm_head(x[:, -1]).float()
+            logits = self.logits(x[:, -1]).float()
             nxt = pick_next_tokens(logits, temperature, top_k, top_p, greedy, generator)
             if stop_token is not None:
                 nxt = nxt.masked_fill(done, stop_token)
@@ -363,7 +394,8 @@ class GPT(nn.Module):
             raise UserError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
         if "gpt_config" not in meta:
             raise UserError(f"{path} is not a model saved by this project (no gpt_config in its metadata)")
-        model = cls(GPTConfig(**json.loads(meta["gpt_config"]), **overrides))
+        # a file from before vocab_multiple holds vocab_size rows
+        model = cls(GPTConfig(**{"vocab_multiple": 1, **json.loads(meta["gpt_config"]), **overrides}))
         load_weights(model, state, str(path))
         return model
 

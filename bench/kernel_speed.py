@@ -171,8 +171,16 @@ def lora_unfused(x, weight, bias, a, b, scale, p):
     return F.linear(x, weight, bias) + scale * F.linear(F.linear(F.dropout(x, p) if p else x, a), b)
 
 
+def lora_concat(x, weight, bias, a, b, scale, p):
+    """lora.py's lora_impl='concat': one matmul over [x | s·x·Aᵀ] and [W | B]."""
+    from lora import _ConcatLinear
+
+    return _ConcatLinear.apply(x, scale * F.linear(F.dropout(x, p) if p else x, a), weight, b, bias)
+
+
 def lora_rows(shapes, device="cuda", dtype=torch.bfloat16):
-    """Forward and forward+backward rows per (in, out, r, tokens, dropout): ours, unfused PyTorch, the base GEMM."""
+    """Forward and forward+backward rows per (in, out, r, tokens, dropout): our Triton kernel, the concatenated
+    PyTorch path, unfused PyTorch, the base GEMM."""
     from kernels.lora_linear import lora_linear
 
     timer, graph_timer = _timers(device)
@@ -188,6 +196,7 @@ def lora_rows(shapes, device="cuda", dtype=torch.bfloat16):
         grad = torch.randn(n, out_f, **dt)
         impls = {
             "triton": (partial(lora_linear, x, weight, bias, a, b, scale, dropout_p=p, training=True), (x, a, b)),
+            "concat": (partial(lora_concat, x, weight, bias, a, b, scale, p), (x, a, b)),
             "unfused": (partial(lora_unfused, x, weight, bias, a, b, scale, p), (x, a, b)),
             "base": (partial(F.linear, x, weight, bias), (x,)),  # the frozen GEMM alone (backward: dx only)
         }
@@ -198,7 +207,10 @@ def lora_rows(shapes, device="cuda", dtype=torch.bfloat16):
             rows.append({"in": in_f, "out": out_f, "r": r, "N": n, "dropout": p, "pass": mode,
                          **{f"{k} ms": v for k, v in ms.items()}, **{f"{k} graph ms": v for k, v in graph.items()},
                          "triton/base time": ratio(ms["triton"], ms["base"]),
-                         "unfused/triton time": ratio(ms["unfused"], ms["triton"])})
+                         "concat/base time": ratio(ms["concat"], ms["base"]),
+                         "unfused/triton time": ratio(ms["unfused"], ms["triton"]),
+                         "unfused/concat time": ratio(ms["unfused"], ms["concat"]),
+                         "concat/triton time": ratio(ms["concat"], ms["triton"])})
             print(f"  lora {in_f}x{out_f} r={r} N={n} p={p} {mode}: "
                   + ", ".join(f"{k} {fmt(v)} ms" for k, v in {**ms, **{f"{n} graph": t for n, t in graph.items()}}
                               .items()), file=sys.stderr)

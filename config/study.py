@@ -13,9 +13,9 @@ wikitext = "103"  # downloaded (or wikitext_src); corpus='FILES' for text of you
 e2e_src = ""  # '' : the official release, downloaded
 
 pretrain_config = "config/pretrain.py"
-pretrain_overrides = ("--dtype=bfloat16",)  # autocast; --dtype=float32 on a GPU without bf16
+pretrain_overrides = ()  # dtype, compile: auto (bfloat16 autocast and torch.compile on a GPU)
 continue_config = "config/pretrain_continue.py"
-continue_overrides = ("--dtype=bfloat16",)
+continue_overrides = ()
 
 prompts = "prompts.txt"
 sample_overrides = ()

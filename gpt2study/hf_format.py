@@ -81,7 +81,7 @@ def load_hf_model(folder, **options) -> GPT:
     act = hf.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
         raise UserError(f"{folder}/config.json uses activation {act!r}; GPT-2 uses the tanh GELU (gelu_new)")
-    cfg = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+    cfg = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], vocab_multiple=1, n_layer=hf["n_layer"],
                     n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True, **options)
     model = GPT(cfg)
     load_weights(model, _hf_to_ours(_read_hf_weights(folder)), f"{folder} (config.json: n_layer={cfg.n_layer}, "
@@ -118,13 +118,16 @@ def _plain(model) -> None:
 
 def hf_state_dict(model) -> dict[str, torch.Tensor]:
     """A plain GPT's weights as GPT2LMHeadModel stores them: the same names, Conv1D weights
-    transposed to (in, out), the head left out (tied to wte: transformers ties it on loading).
-    A model without biases gets zero biases, which compute the same."""
+    transposed to (in, out), the head left out (tied to wte: transformers ties it on loading),
+    the embedding's padding rows too (GPT-2's format has vocab_size rows). A model without biases
+    gets zero biases, which compute the same."""
     _plain(model)
     out = {}
     for name, t in model.state_dict().items():
         if name == "lm_head.weight":
             continue
+        if name == "transformer.wte.weight":
+            t = t[:model.config.vocab_size]
         out[name] = (t.t() if name.endswith(CONV1D_WEIGHTS) else t).detach().cpu().contiguous()
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear | nn.LayerNorm) and name != "lm_head" and m.bias is None:

@@ -30,7 +30,7 @@ from gpt2study.checkpoints import STATE_FILE, load_train_state, save_checkpoint
 from gpt2study.checkpoints import run_info as checkpoint_info
 from gpt2study.cli import DEVICE_HELP, resolve_device
 from gpt2study.files import write_atomic
-from model import UserError, setting
+from model import IGNORE_INDEX, UserError, setting
 
 
 @dataclass
@@ -62,9 +62,10 @@ class TrainConfig:
     progress: bool = setting(True, "show a progress bar")
     # system
     device: str = setting("auto", DEVICE_HELP)
-    dtype: str = setting("float32", "float32, or autocast to bfloat16 / float16",
-                         choices=("float32", "bfloat16", "float16"))
-    compile: bool = setting(False, "torch.compile the model")
+    dtype: str = setting("auto", "float32, or autocast to bfloat16 / float16; auto: bfloat16 on a GPU that has it "
+                         "(float16 with loss scaling on one that does not), float32 elsewhere",
+                         choices=("auto", "float32", "bfloat16", "float16"))
+    compile: bool | None = setting(None, "torch.compile the training model; None (auto): on CUDA only")
     seed: int = setting(1337, "of the data order, initialisation and dropout", at_least=0)
     peak_flops: float = setting(0.0, "the device's peak FLOP/s for MFU; 0 guesses from the GPU's name", at_least=0.0)
 
@@ -86,6 +87,8 @@ class Runtime:
     world: int
     autocast: Callable  # () -> context manager
     scaler: torch.amp.GradScaler
+    dtype: str  # what cfg.dtype became ('auto' resolved)
+    compile: bool  # what cfg.compile became
 
     @property
     def master(self) -> bool:
@@ -116,17 +119,72 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if cfg.dtype not in dtypes:
-        raise UserError(f"dtype must be one of {', '.join(dtypes)}, not '{cfg.dtype}'")
-    dtype = dtypes[cfg.dtype]
+    resolved = resolve_precision(cfg, device)
+    if rank == 0 and (cfg.dtype == "auto" or cfg.compile is None):
+        print(f"on {device.type}: dtype={resolved['dtype']}, compile={resolved['compile']} (auto settings decided)")
+    # the run records what it ran with (config.json 'train'): what 'auto' became, not 'auto'
+    cfg.dtype, cfg.compile = resolved["dtype"], resolved["compile"]
+    dtype = DTYPES[cfg.dtype]
     if dtype == torch.float32:
         autocast = contextlib.nullcontext
     else:
         def autocast():
             return torch.autocast(device.type, dtype=dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    return Runtime(device, rank, local_rank, world, autocast, scaler)
+    return Runtime(device, rank, local_rank, world, autocast, scaler, cfg.dtype, cfg.compile)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_precision(cfg: TrainConfig, device: torch.device) -> dict:
+    """{'dtype', 'compile'} with 'auto' / None decided for `device`. On CUDA: bfloat16 autocast where the GPU has
+    it (Ampere on), else float16 with the gradient scaler, and torch.compile: the speed a GPU user expects. On a
+    CPU or MPS: float32 without compiling, whose first steps would take longer than a small run."""
+    cuda = device.type == "cuda"
+    dtype = cfg.dtype
+    if dtype == "auto":
+        dtype = ("bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16") if cuda \
+            else "float32"
+    if dtype not in DTYPES:
+        raise UserError(f"dtype must be one of auto, {', '.join(DTYPES)}, not '{dtype}'")
+    return {"dtype": dtype, "compile": cuda if cfg.compile is None else bool(cfg.compile)}
+
+
+# Fine-tuning batches are as long as their longest pair: padded to a multiple of this, a compiled model sees a few
+# shapes (at most block_size / LENGTH_BUCKET) instead of a new one, and a recompilation, nearly every step.
+LENGTH_BUCKET = 64
+
+
+class _LengthBuckets(torch.nn.Module):
+    """`compiled(idx, targets)` with idx and targets padded on the right to the next multiple of LENGTH_BUCKET
+    (at most the model's context). The loss is unchanged: causal attention keeps the padding out of every real
+    position, and padded targets are IGNORE_INDEX."""
+
+    def __init__(self, model, compiled):
+        super().__init__()
+        self.compiled = compiled
+        object.__setattr__(self, "model", model)  # the same parameters: not registered twice
+        self.block_size = model.config.block_size
+
+    def forward(self, idx, targets=None, **kwargs):
+        T = idx.size(1)
+        L = min(-(-T // LENGTH_BUCKET) * LENGTH_BUCKET, max(self.block_size, T))
+        if targets is None or L == T:
+            return self.compiled(idx, targets, **kwargs)
+        idx = torch.nn.functional.pad(idx, (0, L - T), value=0)
+        targets = torch.nn.functional.pad(targets, (0, L - T), value=IGNORE_INDEX)
+        return self.compiled(idx, targets, **kwargs)
+
+
+def compile_model(model, backend: str | Callable = "inductor"):
+    """The training model under torch.compile, fed lengths from a few buckets (_LengthBuckets) and compiled for
+    each of them (static shapes: the fastest kernels, and the chunked loss's loop stays unrolled)."""
+    import torch._dynamo
+
+    buckets = -(-model.config.block_size // LENGTH_BUCKET) + 1
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, buckets + 2)
+    return _LengthBuckets(model, torch.compile(model, backend=backend, dynamic=False))
 
 
 def once_per_run(rt: Runtime, work: Callable[[], object]) -> None:
@@ -500,7 +558,7 @@ class _Loop:
     def wrap_model(self) -> None:
         """Compile and DDP wrap the model that steps run through; evaluation and checkpoints use the raw one."""
         if self.cfg.compile:
-            self.model = torch.compile(self.model)
+            self.model = compile_model(self.model)
         if self.rt.ddp:
             from torch.nn.parallel import DistributedDataParallel
 

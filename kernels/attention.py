@@ -4,18 +4,23 @@
 
 Forward: one program per (query block, batch·head) walks the key blocks left of the diagonal without a mask,
 then the diagonal block with the causal mask, keeping a running max / sum (online softmax) in float32, so no
-T×T matrix ever exists. Key blocks right of the diagonal are never visited. It stores the output and the row
-log-sum-exp (base 2, of the scaled scores). Backward recomputes the probabilities from that log-sum-exp: a small
-kernel computes delta = rowsum(dO·O), then one kernel (the structure of the triton tutorial's Hopper backward)
-whose program j accumulates dK and dV of key block j over the query blocks at or below it, then dQ of query block
-j over the key blocks at or left of it. Both halves recompute the probabilities (7 block matmuls instead of the
-minimal 5), which buys no atomics and equal work per program.
+T×T matrix ever exists. Key blocks right of the diagonal are never visited. The softmax scale (times log2 e, for
+exp2) is folded into the q tile once, not into every score tile. It stores the output and the row log-sum-exp
+(base 2, of the scaled scores).
 
-Any T (masked tails), any head dim up to 256 (padded to a power of two ≥ 16 in registers; 32/64/128 are the
-tuned ones), float32/float16/bfloat16 inputs with float32 accumulation. Inputs may be strided views (e.g. the
-`.view(B, T, H, D).transpose(1, 2)` of a fused qkv projection): strides go to the kernels, only a tensor whose
-last dim is not contiguous is copied. Outputs and gradients are laid out as (B, T, H, D) in memory, so that
-`y.transpose(1, 2).contiguous()` in the model is free.
+Backward, as FlashAttention-2's: a small kernel computes delta = rowsum(dO·O); then one program per key block
+keeps that block's k and v (k pre-scaled, once) and walks the query blocks at or below it, recomputing the
+probabilities from the log-sum-exp. Each (key block, query block) pair costs 5 block matmuls: the scores, dV += Pᵀ
+dO, dPᵀ = V dOᵀ, dK += dSᵀ Q and the pair's share of dQ = dS K, which is added into a float32 dQ buffer with
+atomics (a separate dQ pass would recompute the scores and dP: 7 matmuls a pair). The atomics' order varies
+between runs on a GPU, so dQ's last bits may too.
+
+Loads are masked only where a tile can reach past T (the diagonal block, the last query block) or the head dim is
+padded; the full tiles in between load without masks. Any T, any head dim up to 256 (padded to a power of two
+≥ 16 in registers; 32/64/128 are the tuned ones), float32/float16/bfloat16 inputs with float32 accumulation.
+Inputs may be strided views (e.g. the `.view(B, T, H, D).transpose(1, 2)` of a fused qkv projection): strides go
+to the kernels, only a tensor whose last dim is not contiguous is copied. Outputs and gradients are laid out as
+(B, T, H, D) in memory, so that `y.transpose(1, 2).contiguous()` in the model is free.
 
 No attention dropout: the model warns once and uses torch's scaled_dot_product_attention instead when attention
 dropout > 0 in training.
@@ -31,29 +36,39 @@ from torch.autograd.function import once_differentiable
 from . import _autocast, _check_dtype, _dot_precision, _fresh, autotuned
 
 _LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
 
 
 # ----------------------------------------------------------------------------- device helpers
 
 
 @triton.jit
-def _tile_mask(rows, offs_d, T, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    mask = rows[:, None] < T
-    if HEAD_DIM != BLOCK_D:  # compile-time: the padded head-dim columns only exist for odd head dims
-        mask = mask & (offs_d[None, :] < HEAD_DIM)
+def _tile_mask(rows, offs_d, T, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, FULL: tl.constexpr):
+    """Where a (rows × head dim) tile is real. FULL: every row is below T, only a padded head dim is masked."""
+    if FULL:
+        mask = (rows[:, None] >= 0) & (offs_d[None, :] < HEAD_DIM)
+    else:
+        mask = rows[:, None] < T
+        if HEAD_DIM != BLOCK_D:  # compile-time: the padded head-dim columns only exist for odd head dims
+            mask = mask & (offs_d[None, :] < HEAD_DIM)
     return mask
 
 
 @triton.jit
-def _load_tile(base, rows, stride_t, offs_d, T, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Rows `rows` of a (T, HEAD_DIM) slice with unit stride along the head dim; zeros outside."""
-    mask = _tile_mask(rows, offs_d, T, HEAD_DIM, BLOCK_D)
-    return tl.load(base + rows[:, None] * stride_t + offs_d[None, :], mask=mask, other=0.0)
+def _load_tile(base, rows, stride_t, offs_d, T, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, FULL: tl.constexpr):
+    """Rows `rows` of a (T, HEAD_DIM) slice with unit stride along the head dim; zeros outside. FULL tiles (all rows
+    below T) of an unpadded head dim load without a mask."""
+    ptrs = base + rows[:, None] * stride_t + offs_d[None, :]
+    if FULL and HEAD_DIM == BLOCK_D:
+        tile = tl.load(ptrs)
+    else:
+        tile = tl.load(ptrs, mask=_tile_mask(rows, offs_d, T, HEAD_DIM, BLOCK_D, FULL), other=0.0)
+    return tile
 
 
 @triton.jit
 def _store_tile(base, rows, stride_t, offs_d, T, value, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    mask = _tile_mask(rows, offs_d, T, HEAD_DIM, BLOCK_D)
+    mask = _tile_mask(rows, offs_d, T, HEAD_DIM, BLOCK_D, False)
     tl.store(base + rows[:, None] * stride_t + offs_d[None, :], value.to(base.dtype.element_ty), mask=mask)
 
 
@@ -68,14 +83,15 @@ def _head_offset(stride_b, stride_h, H):
 
 
 @triton.jit
-def _fwd_inner(acc, m_i, l_i, q, K, V, sk_t, sv_t, rows, offs_d, lo, hi, T, qk_scale,
+def _fwd_inner(acc, m_i, l_i, q, K, V, sk_t, sv_t, rows, offs_d, lo, hi, T,
                MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                PRECISION: tl.constexpr):
+    """The key blocks [lo, hi): left of the diagonal (MASKED False) every key is below T and before every row."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k = _load_tile(K, cols, sk_t, offs_d, T, HEAD_DIM, BLOCK_D)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        k = _load_tile(K, cols, sk_t, offs_d, T, HEAD_DIM, BLOCK_D, not MASKED)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # q holds the scale: s is in log2 units
         if MASKED:
             s = tl.where(rows[:, None] >= cols[None, :], s, float("-inf"))
         # Every row sees key `lo` of its first block (causality), so m_new is finite and alpha never NaN.
@@ -83,7 +99,7 @@ def _fwd_inner(acc, m_i, l_i, q, K, V, sk_t, sv_t, rows, offs_d, lo, hi, T, qk_s
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(V, cols, sv_t, offs_d, T, HEAD_DIM, BLOCK_D)
+        v = _load_tile(V, cols, sv_t, offs_d, T, HEAD_DIM, BLOCK_D, not MASKED)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     return acc, m_i, l_i
@@ -106,17 +122,17 @@ def _attn_fwd_kernel(Q, K, V, O, LSE,
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(Q, rows, sq_t, offs_d, T, HEAD_DIM, BLOCK_D)
+    q = _load_tile(Q, rows, sq_t, offs_d, T, HEAD_DIM, BLOCK_D, False)
+    q = (q.to(tl.float32) * qk_scale).to(q.dtype)  # the scale, once per q tile instead of once per score tile
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     diag = pid_m * BLOCK_M
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, sk_t, sv_t, rows, offs_d, 0, diag, T, qk_scale,
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, sk_t, sv_t, rows, offs_d, 0, diag, T,
                                False, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, sk_t, sv_t, rows, offs_d, diag,
-                               tl.minimum(diag + BLOCK_M, T), T, qk_scale, True, HEAD_DIM, BLOCK_D, BLOCK_N,
-                               PRECISION)
+                               tl.minimum(diag + BLOCK_M, T), T, True, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
 
     _store_tile(O, rows, so_t, offs_d, T, acc / l_i[:, None], HEAD_DIM, BLOCK_D)
     tl.store(LSE + rows, m_i + tl.math.log2(l_i), mask=rows < T)
@@ -130,57 +146,45 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, so_b, so_h, so_t, sdo_b, sdo_h, sdo_t, 
                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    o = _load_tile(O + _head_offset(so_b, so_h, H), rows, so_t, offs_d, T, HEAD_DIM, BLOCK_D)
-    do = _load_tile(DO + _head_offset(sdo_b, sdo_h, H), rows, sdo_t, offs_d, T, HEAD_DIM, BLOCK_D)
+    o = _load_tile(O + _head_offset(so_b, so_h, H), rows, so_t, offs_d, T, HEAD_DIM, BLOCK_D, False)
+    do = _load_tile(DO + _head_offset(sdo_b, sdo_h, H), rows, sdo_t, offs_d, T, HEAD_DIM, BLOCK_D, False)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + tl.program_id(1).to(tl.int64) * T + rows, delta, mask=rows < T)
 
 
 @triton.jit
-def _load_row_stats(LSE, DELTA, rows, T):
-    # lse = +inf outside T makes those rows' probabilities exactly 0, whatever was loaded for them.
-    lse = tl.load(LSE + rows, mask=rows < T, other=float("inf"))
-    delta = tl.load(DELTA + rows, mask=rows < T, other=0.0)
-    return lse, delta
-
-
-@triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, sq_t, sdo_t, cols, offs_d, lo, hi, T, qk_scale,
-                    MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                    PRECISION: tl.constexpr):
+def _bwd_inner(dk, dv, k, v, Q, DO, DQ, LSE, DELTA, sq_t, sdo_t, sdq_t, cols, offs_d, lo, hi, T,
+               MASKED: tl.constexpr, FULL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+    """The query blocks [lo, hi) against the program's key block: 5 block matmuls each. MASKED: the diagonal block
+    (causal mask); FULL: every query row is below T (no row mask)."""
     offs_m = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
-        q = _load_tile(Q, rows, sq_t, offs_d, T, HEAD_DIM, BLOCK_D)
-        do = _load_tile(DO, rows, sdo_t, offs_d, T, HEAD_DIM, BLOCK_D)
-        lse, delta = _load_row_stats(LSE, DELTA, rows, T)
-        # Transposed (keys × queries) so that dK and dV accumulate without transposing the accumulators.
-        p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse[None, :])
+        q = _load_tile(Q, rows, sq_t, offs_d, T, HEAD_DIM, BLOCK_D, FULL)
+        do = _load_tile(DO, rows, sdo_t, offs_d, T, HEAD_DIM, BLOCK_D, FULL)
+        if FULL:
+            lse = tl.load(LSE + rows)
+            delta = tl.load(DELTA + rows)
+        else:  # lse = +inf past T makes those rows' probabilities exactly 0, whatever was loaded for them
+            lse = tl.load(LSE + rows, mask=rows < T, other=float("inf"))
+            delta = tl.load(DELTA + rows, mask=rows < T, other=0.0)
+        # Transposed (keys × queries) so that dK and dV accumulate without transposing the accumulators;
+        # k holds the scale (log2 units).
+        p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) - lse[None, :])
         if MASKED:
             p_t = tl.where(rows[None, :] >= cols[:, None], p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
+        dq = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION)  # this key block's share of dQ (× ln 2 later)
+        dq_ptrs = DQ + rows[:, None] * sdq_t + offs_d[None, :]
+        if FULL and HEAD_DIM == BLOCK_D:
+            tl.atomic_add(dq_ptrs, dq, sem="relaxed")
+        else:
+            tl.atomic_add(dq_ptrs, dq, mask=_tile_mask(rows, offs_d, T, HEAD_DIM, BLOCK_D, FULL), sem="relaxed")
     return dk, dv
-
-
-@triton.jit
-def _bwd_dq_inner(dq, q, do, lse, delta, K, V, sk_t, sv_t, rows, offs_d, lo, hi, T, qk_scale,
-                  MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                  PRECISION: tl.constexpr):
-    offs_n = tl.arange(0, BLOCK_N)
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        k = _load_tile(K, cols, sk_t, offs_d, T, HEAD_DIM, BLOCK_D)
-        v = _load_tile(V, cols, sv_t, offs_d, T, HEAD_DIM, BLOCK_D)
-        p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None])
-        if MASKED:
-            p = tl.where(rows[:, None] >= cols[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
-    return dq
 
 
 @triton.jit
@@ -188,13 +192,11 @@ def _attn_bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA,
                      sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sdo_b, sdo_h, sdo_t,
                      sdq_b, sdq_h, sdq_t, sdk_b, sdk_h, sdk_t, sdv_b, sdv_h, sdv_t,
                      H, T, T_BUCKET, sm_scale, qk_scale,
-                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M1: tl.constexpr,
-                     BLOCK_N2: tl.constexpr, PRECISION: tl.constexpr):
-    """Program j computes dK, dV of key block j (walking the query blocks at or below it) and then dQ of query
-    block j (walking the key blocks at or left of it). The two causal triangles are mirror images, so every
-    program does the same work, (T/BLOCK + 1) block pairs: no tail of long programs, one launch, no atomics."""
-    tl.static_assert(BLOCK % BLOCK_M1 == 0)
-    tl.static_assert(BLOCK % BLOCK_N2 == 0)
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    """Program j: dK, dV of key block j over the query blocks at or below it (the diagonal one with the causal
+    mask, then the full ones, then a tail past T), adding each pair's share of dQ into the float32 buffer DQ."""
+    tl.static_assert(BLOCK_N % BLOCK_M == 0)
     Q += _head_offset(sq_b, sq_h, H)
     K += _head_offset(sk_b, sk_h, H)
     V += _head_offset(sv_b, sv_h, H)
@@ -205,44 +207,35 @@ def _attn_bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA,
     LSE += tl.program_id(1).to(tl.int64) * T
     DELTA += tl.program_id(1).to(tl.int64) * T
 
-    start = tl.program_id(0) * BLOCK
-    end_diag = tl.minimum(start + BLOCK, T)
-    offs = start + tl.arange(0, BLOCK)
+    start = tl.program_id(0) * BLOCK_N
+    cols = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-
-    # dK, dV: the diagonal block with the causal mask, then every query block below it without one. Query rows
-    # past T (the last block's tail) have lse = +inf, so p = 0 there and they add nothing.
-    k = _load_tile(K, offs, sk_t, offs_d, T, HEAD_DIM, BLOCK_D)
-    v = _load_tile(V, offs, sv_t, offs_d, T, HEAD_DIM, BLOCK_D)
-    dk = tl.zeros([BLOCK, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK, BLOCK_D], tl.float32)
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, sq_t, sdo_t, offs, offs_d, start, end_diag, T,
-                             qk_scale, True, HEAD_DIM, BLOCK_D, BLOCK_M1, PRECISION)
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, sq_t, sdo_t, offs, offs_d, end_diag, T, T,
-                             qk_scale, False, HEAD_DIM, BLOCK_D, BLOCK_M1, PRECISION)
-    _store_tile(DK, offs, sdk_t, offs_d, T, dk * sm_scale, HEAD_DIM, BLOCK_D)
-    _store_tile(DV, offs, sdv_t, offs_d, T, dv, HEAD_DIM, BLOCK_D)
-
-    # dQ: every key block left of the diagonal without a mask, then the diagonal block with it. Key rows past T
-    # only occur in the diagonal block, where the causal mask removes them for every row below T.
-    q = _load_tile(Q, offs, sq_t, offs_d, T, HEAD_DIM, BLOCK_D)
-    do = _load_tile(DO, offs, sdo_t, offs_d, T, HEAD_DIM, BLOCK_D)
-    lse, delta = _load_row_stats(LSE, DELTA, offs, T)
-    dq = tl.zeros([BLOCK, BLOCK_D], tl.float32)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, sk_t, sv_t, offs, offs_d, 0, start, T, qk_scale,
-                       False, HEAD_DIM, BLOCK_D, BLOCK_N2, PRECISION)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, sk_t, sv_t, offs, offs_d, start, end_diag, T, qk_scale,
-                       True, HEAD_DIM, BLOCK_D, BLOCK_N2, PRECISION)
-    _store_tile(DQ, offs, sdq_t, offs_d, T, dq * sm_scale, HEAD_DIM, BLOCK_D)
+    # Keys past T (the last block's tail) are zeros; the causal mask of the diagonal, the only block they meet,
+    # removes them from every row below T.
+    k = _load_tile(K, cols, sk_t, offs_d, T, HEAD_DIM, BLOCK_D, False)
+    k = (k.to(tl.float32) * qk_scale).to(k.dtype)  # the scale once, for the scores and (undone at the end) dQ
+    v = _load_tile(V, cols, sv_t, offs_d, T, HEAD_DIM, BLOCK_D, False)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    below = start + BLOCK_N
+    full_end = below + tl.maximum(T - below, 0) // BLOCK_M * BLOCK_M
+    dk, dv = _bwd_inner(dk, dv, k, v, Q, DO, DQ, LSE, DELTA, sq_t, sdo_t, sdq_t, cols, offs_d,
+                        start, tl.minimum(below, T), T, True, False, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
+    dk, dv = _bwd_inner(dk, dv, k, v, Q, DO, DQ, LSE, DELTA, sq_t, sdo_t, sdq_t, cols, offs_d,
+                        below, full_end, T, False, True, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
+    dk, dv = _bwd_inner(dk, dv, k, v, Q, DO, DQ, LSE, DELTA, sq_t, sdo_t, sdq_t, cols, offs_d,
+                        full_end, T, T, False, False, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
+    _store_tile(DK, cols, sdk_t, offs_d, T, dk * sm_scale, HEAD_DIM, BLOCK_D)
+    _store_tile(DV, cols, sdv_t, offs_d, T, dv, HEAD_DIM, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------- launch configs
 
 
 # Shared memory estimates (bytes), for pruning the configs to the device. Pipelined tiles take num_stages buffers,
-# tiles loaded once take one; tf32x3 dots (float32 inputs, TF32 not allowed) keep a second copy of those. Calibrated
-# against ptxas (triton 3.6-3.9, sm_90) for every config, dtype and head dim. Should a new triton allocate more, a
-# config that does not fit costs only tuning time: triton's autotuner times it as infinitely slow.
+# tiles loaded once take one; tf32x3 dots (float32 inputs, TF32 not allowed) keep a second copy of those. Should a
+# new triton allocate more, a config that does not fit costs only tuning time: triton's autotuner times it as
+# infinitely slow.
 
 
 def _fwd_smem(c, args):
@@ -252,12 +245,9 @@ def _fwd_smem(c, args):
 
 
 def _bwd_smem(c, args):
-    """dK/dV phase: k, v resident, q and dO tiles (and their row statistics) per stage; dQ phase: q, dO resident,
-    k and v per stage; the second phase reuses the first one's buffers."""
-    blk, m1, n2 = c.kwargs["BLOCK"], c.kwargs["BLOCK_M1"], c.kwargs["BLOCK_N2"]
-    d, e, s = args["BLOCK_D"], args["Q"].element_size(), c.num_stages
-    resident = _resident_copies(args) * 2 * blk * d
-    return max(e * (resident + 2 * s * m1 * d) + 8 * s * m1, e * (resident + 2 * s * n2 * d)) + 1024
+    """k and v resident, q and dO tiles (and their row statistics) per stage."""
+    n, m, d, e, s = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"], args["BLOCK_D"], args["Q"].element_size(), c.num_stages
+    return e * (_resident_copies(args) * 2 * n * d + 2 * s * m * d) + 8 * s * m + 1024
 
 
 def _resident_copies(args):
@@ -271,19 +261,17 @@ def _configs(blocks, names):
 
 # Candidates for H100-class GPUs (FlashAttention-2 tiles), best guess first (what tests run without tuning); the
 # pruning drops those that would not fit the device's shared memory for the head dim and dtype at hand. The last of
-# each list fits every dtype and head dim <= 256 on sm_90 (at most 160 KiB, ptxas). Keyed on the head dim and T's
-# power-of-two bucket, so that generation with a growing T does not retune at every step.
+# each list fits every dtype and head dim <= 256 on sm_90. Keyed on the head dim and T's power-of-two bucket, so
+# that generation with a growing T does not retune at every step.
 _KEY = ["HEAD_DIM", "T_BUCKET"]
 FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4),
                         (64, 32, 4, 3), (32, 16, 4, 2)], ("BLOCK_M", "BLOCK_N"))
-# (BLOCK, BLOCK_M1, BLOCK_N2, warps, stages): the first is the triton tutorial's Hopper backward (128-row blocks,
-# 32-row steps, 4 warps, 5 stages).
-BWD_CONFIGS = _configs([(128, 32, 32, 4, 5), (128, 32, 32, 4, 3), (128, 16, 32, 4, 4), (128, 32, 32, 8, 4),
-                        (128, 64, 64, 8, 3), (64, 32, 32, 4, 4), (64, 16, 16, 4, 3), (32, 16, 16, 4, 2)],
-                       ("BLOCK", "BLOCK_M1", "BLOCK_N2"))
+# (BLOCK_N keys per program, BLOCK_M queries per step, warps, stages). A program holds k, v and the dK, dV
+# accumulators (two 128×64 float32 tiles) in registers: 8 warps give them room where 4 would spill.
+BWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 32, 8, 4), (64, 64, 8, 3), (128, 32, 4, 4), (128, 64, 8, 2),
+                        (64, 32, 4, 4), (64, 16, 4, 3), (32, 16, 4, 2)], ("BLOCK_N", "BLOCK_M"))
 _FWD = autotuned(_attn_fwd_kernel, FWD_CONFIGS, _KEY, _fwd_smem, _configs([(32, 16, 4, 1)], ("BLOCK_M", "BLOCK_N"))[0])
-_BWD = autotuned(_attn_bwd_kernel, BWD_CONFIGS, _KEY, _bwd_smem,
-                 _configs([(32, 16, 16, 4, 1)], ("BLOCK", "BLOCK_M1", "BLOCK_N2"))[0])
+_BWD = autotuned(_attn_bwd_kernel, BWD_CONFIGS, _KEY, _bwd_smem, _configs([(32, 16, 4, 1)], ("BLOCK_N", "BLOCK_M"))[0])
 
 
 # ----------------------------------------------------------------------------- host side
@@ -322,12 +310,15 @@ def _attn_backward(q, k, v, o, lse, do, scale):
     _attn_bwd_delta_kernel[(triton.cdiv(T, block_m), B * H)](
         o, do, delta, *_strides(o), *_strides(do), H, T, BLOCK_M=block_m, **dims, num_warps=4)
 
-    dq, dk, dv = (_bthd_empty(B, H, T, D, q) for _ in range(3))
-    _BWD[lambda meta: (triton.cdiv(T, meta["BLOCK"]), B * H)](
-        q, k, v, do, dq, dk, dv, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-        *_strides(dq), *_strides(dk), *_strides(dv), H, T, triton.next_power_of_2(T), scale, scale * _LOG2E,
+    # dQ is a sum over key blocks, added by their programs: a float32 buffer that starts at zero
+    dq_acc = torch.zeros(B, T, H, D, dtype=torch.float32, device=q.device).transpose(1, 2)
+    dk, dv = (_bthd_empty(B, H, T, D, q) for _ in range(2))
+    _BWD[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)](
+        q, k, v, do, dq_acc, dk, dv, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+        *_strides(dq_acc), *_strides(dk), *_strides(dv), H, T, triton.next_power_of_2(T), scale, scale * _LOG2E,
         PRECISION=_dot_precision(q.dtype), **dims)
-    return dq, dk, dv
+    # the programs multiplied dS by the pre-scaled k: scale · log2 e; dQ wants scale alone
+    return (dq_acc * _LN2).to(q.dtype), dk, dv
 
 
 class _CausalAttention(torch.autograd.Function):

@@ -2,6 +2,8 @@
 
 The (positions, 50257) logits are the largest tensor of a training step; here no more than one
 chunk of them exists, and each chunk's gradient is formed while its logits are at hand.
+The weight may have more rows than the vocabulary (padded to an aligned size): those columns of
+the logits are left out of the softmax, so the loss and gradients are the unpadded weight's.
 """
 
 import torch
@@ -18,39 +20,43 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, label_smoothing, need_grad_x, need_grad_w):
+    def forward(ctx, x, weight, targets, label_smoothing, vocab, need_grad_x, need_grad_w):
         valid = targets != IGNORE_INDEX
         n = valid.sum().clamp(min=1)
-        vocab = weight.size(0)
         # matmuls in autocast's dtype when it is on (bf16 training), else the weight's
         cdt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else weight.dtype
         w = weight.to(cdt)
+        acc = torch.promote_types(cdt, torch.float32)  # the softmax in float32 at least (float64 stays float64)
         # a frozen head (LoRA fine-tuning) needs no weight gradient: a third of the work saved
-        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_grad_w else None
+        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=acc) if need_grad_w else None
         # On a CPU only the scored rows go through the head (half of an E2E pair's positions are its
         # prompt); on a GPU that data-dependent shape would cost a host sync every step.
         rows = valid.nonzero().squeeze(1) if x.device.type == "cpu" else None
         xs, ts, oks = (x, targets, valid) if rows is None else (x[rows], targets[rows], valid[rows])
         grad_xs = torch.empty_like(xs) if need_grad_x else None
-        total = torch.zeros((), device=x.device, dtype=torch.float32)
+        total = torch.zeros((), device=x.device, dtype=acc)
         for s in range(0, xs.size(0), LOSS_CHUNK):
             xc, t, ok = xs[s:s + LOSS_CHUNK].to(cdt), ts[s:s + LOSS_CHUNK].clamp(min=0), oks[s:s + LOSS_CHUNK]
-            logits = (xc @ w.t()).float()
+            logits = (xc @ w.t()).to(acc)
+            logits[:, vocab:] = -torch.inf  # padding rows: no token (exp gives them probability and gradient 0)
             lse = logits.logsumexp(-1)
             nll = lse - logits.gather(1, t[:, None]).squeeze(1)
             # label smoothing: the target is (1 - ε) one-hot + ε uniform over the vocabulary
-            loss = (1 - label_smoothing) * nll + label_smoothing * (lse - logits.mean(-1)) if label_smoothing else nll
+            if label_smoothing:
+                loss = (1 - label_smoothing) * nll + label_smoothing * (lse - logits[:, :vocab].mean(-1))
+            else:
+                loss = nll
             total += (loss * ok).sum()
             if need_grad_x or need_grad_w:
                 g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
                 g.scatter_add_(1, t[:, None], g.new_full((g.size(0), 1), -(1 - label_smoothing)))
                 if label_smoothing:
-                    g.sub_(label_smoothing / vocab)
-                g.mul_((ok / n)[:, None])
+                    g[:, :vocab].sub_(label_smoothing / vocab)
+                g.mul_((ok.to(acc) / n)[:, None])
                 g = g.to(cdt)
                 if need_grad_x:
                     grad_xs[s:s + LOSS_CHUNK] = g @ w
-                if need_grad_w and cdt == torch.float32:
+                if need_grad_w and cdt == acc:
                     grad_w.addmm_(g.t(), xc)  # in place: no (vocab, n_embd) temporary per chunk
                 elif need_grad_w:
                     grad_w += g.t() @ xc
@@ -63,12 +69,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_x, grad_w = ctx.saved_tensors
         return (grad_x * grad_out if grad_x is not None else None,
-                (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None, None, None, None, None)
+                (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None, None, None, None, None,
+                None)
 
 
-def linear_cross_entropy(x, weight, targets, label_smoothing: float = 0.0):
-    """cross_entropy(x @ weightᵀ, targets, ignore_index=IGNORE_INDEX, label_smoothing), memory-lean.
-    x (N, C), weight (V, C), targets (N,)."""
+def linear_cross_entropy(x, weight, targets, label_smoothing: float = 0.0, vocab: int | None = None):
+    """cross_entropy((x @ weightᵀ)[:, :vocab], targets, ignore_index=IGNORE_INDEX, label_smoothing), memory-lean.
+    x (N, C), weight (V, C) with V ≥ vocab (default: V), targets (N,)."""
     grad = torch.is_grad_enabled()
-    return _LinearCrossEntropy.apply(x, weight, targets, label_smoothing, grad and x.requires_grad,
+    vocab = weight.size(0) if vocab is None else vocab
+    return _LinearCrossEntropy.apply(x, weight, targets, label_smoothing, vocab, grad and x.requires_grad,
                                      grad and weight.requires_grad)

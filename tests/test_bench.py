@@ -3,8 +3,11 @@ the summary), checked on the CPU. Its measurements need a GPU; `--dry_run` runs 
 
 import importlib.util
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -92,8 +95,39 @@ def test_dry_session_writes_its_files_and_prints_the_summary_last(tmp_path):
     assert set(files) <= set(gpu_session.FILES) and len(files) <= 8
     assert {"session.md", "session.json", "log.txt", "tests.txt"} <= set(files)
     lines = run.stdout.strip().splitlines()
-    assert lines[-1].startswith("| 8 | the whole session |")  # the table is the last thing printed
+    assert lines[-1].startswith("| session | the whole session |")  # the table is the last thing printed
     assert any("kernel tests" in line and "passed" in line for line in lines)
     session = json.loads((tmp_path / "session.json").read_text())
-    assert session["dry_run"] and [p["ended"] for p in session["parts"].values()] == ["done", "done"]
+    assert session["dry_run"] and session["complete"]
+    assert [p["ended"] for p in session["parts"].values()] == ["done", "done"]
     assert "passed" in (tmp_path / "tests.txt").read_text()
+    assert (tmp_path / "session.md").read_text().index("## Summary") < (tmp_path / "session.md").read_text().index(
+        "## info")  # the summary first
+
+
+def test_a_session_killed_part_way_leaves_its_finished_rows(tmp_path):
+    """Kill a dry session (its whole process group) once the train part has recorded its first row: the output
+    folder holds the finished info part and that row, in session.md and session.json."""
+    proc = subprocess.Popen([sys.executable, "bench/gpu_session.py", "--dry_run", "--parts=info,train",
+                             f"--out={tmp_path}"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    session = {}
+    try:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(1)
+            try:
+                session = json.loads((tmp_path / "session.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if any(session["parts"].get("train", {}).get("tables", {}).values()):
+                break
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    parts = session["parts"]
+    assert not session["complete"] and parts["info"]["ended"] == "done" and parts["train"]["ended"] == "running"
+    (rows,) = parts["train"]["tables"].values()
+    assert rows[0]["model"] == "ours, defaults (compiled)"  # the headline row first
+    text = (tmp_path / "session.md").read_text()
+    assert "IN PROGRESS" in text and "### Device" in text and "ours, defaults (compiled)" in text

@@ -282,3 +282,69 @@ def test_kernel_path_matches_pytorch_path():
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(KERNEL_CHECK)], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- lora_impl
+
+
+@pytest.mark.parametrize(("dropout", "train_base"), [(0.0, False), (0.3, False), (0.0, True)])
+def test_concat_path_equals_unfused_in_float64(dropout, train_base):
+    """lora_impl='concat' ([x | s·x·Aᵀ] [W | B]ᵀ in one matmul, and its own backward) gives the unfused layer's
+    output and gradients (x, every A and B, the bias; W too when it is trainable) in float64, dropout included."""
+    results = {}
+    for impl in ("unfused", "concat"):
+        model = tiny().double()
+        model.config.lora_impl = impl
+        inject_lora(model, LoRAConfig(lora_targets=("q", "v", "mlp_in", "wte"), lora_dropout=dropout))
+        randomize_b(model)
+        model.train()
+        layers = [model.transformer.h[0].attn.c_attn, model.transformer.h[0].mlp.c_fc, model.lm_head]
+        outs = []
+        for layer in layers:
+            layer.base.weight.requires_grad_(train_base)
+            if layer.base.bias is not None:
+                layer.base.bias.requires_grad_(True)
+            x = torch.randn(3, 5, layer.base.in_features, dtype=torch.float64,
+                            generator=torch.Generator().manual_seed(7), requires_grad=True)
+            wrt = [x, *layer.lora_A.values(), *layer.lora_B.values(),
+                   *(p for p in (layer.base.weight, layer.base.bias) if p is not None and p.requires_grad)]
+            torch.manual_seed(3)  # the same dropout mask for both
+            y = layer(x)
+            g = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+            outs.append((y, *torch.autograd.grad(y, wrt, g)))
+        results[impl] = outs
+    for want, got in zip(results["unfused"], results["concat"], strict=True):
+        assert len(want) == len(got)
+        for a, b in zip(want, got, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+
+
+def test_lora_impl_setting(monkeypatch):
+    """lora_impl: what 'auto' picks on each device (the kernel on CUDA only where kernels.MEASURED_WINS says so,
+    else concat; unfused on the CPU); 'triton' without a GPU warns once and computes the unfused layer."""
+    import types
+
+    import kernels
+    import lora
+
+    cpu = torch.zeros(1)
+    fake_cuda = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
+    assert lora._lora_impl("auto", cpu) == "unfused"
+    assert lora._lora_impl("auto", fake_cuda) == "concat"
+    monkeypatch.setattr(kernels, "MEASURED_WINS", {(9, 0): {"lora_linear": "bench/results/x.md"}})
+    monkeypatch.setattr(kernels, "_capability", lambda device: (9, 0))
+    assert lora._lora_impl("auto", fake_cuda) == "triton"
+    assert lora._lora_impl("concat", cpu) == "concat" and lora._lora_impl("unfused", fake_cuda) == "unfused"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model = tiny()
+    model.config.lora_impl = "triton"
+    inject_lora(model, LoRAConfig())
+    randomize_b(model)
+    with pytest.warns(UserWarning, match="lora_impl='triton' needs a CUDA tensor"):
+        got = logits(model)
+    model.config.lora_impl = "unfused"
+    assert torch.equal(got, logits(model))
+    with pytest.raises(UserError, match="lora_impl"):
+        from gpt2study.cli import check_settings
+
+        check_settings(GPTConfig(lora_impl="fused"))

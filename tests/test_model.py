@@ -229,3 +229,83 @@ def test_vocab_file_is_checked(tmp_path, monkeypatch):
     finally:
         monkeypatch.undo()
         tokenizer.get_encoding.cache_clear()
+
+
+# ----------------------------------------------------------------------------- the padded vocabulary
+
+
+def twins(vocab=64, seed=0):
+    """(a model of vocab_multiple 128, the same model unpadded) in float64; the padded one's extra rows are large,
+    so that any use of them would show in its logits, losses and picks."""
+    torch.manual_seed(seed)
+    shape = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=vocab)
+    padded = GPT(GPTConfig(**shape)).double().eval()
+    plain = GPT(GPTConfig(**shape, vocab_multiple=1)).double().eval()
+    with torch.no_grad():
+        padded.transformer.wte.weight[vocab:] = 3.0
+    state = {k: v[:vocab] if k.endswith("wte.weight") else v for k, v in padded.state_dict().items()
+             if k != "lm_head.weight"}
+    model_module.load_weights(plain, state, "the padded twin")
+    return padded, plain
+
+
+def test_padded_vocabulary_is_invisible():
+    """The embedding and head weights have 128 rows for a vocabulary of 64; logits, losses, gradients and
+    every decoder's picks are those of the same model without padding rows."""
+    from gpt2study.decoding.beam import beam_search
+
+    padded, plain = twins()
+    assert padded.transformer.wte.weight.shape[0] == 128 and plain.transformer.wte.weight.shape[0] == 64
+    assert (GPTConfig(vocab_size=50257).padded_vocab, GPTConfig(vocab_size=50304).padded_vocab) == (50304, 50304)
+    idx = torch.randint(0, 64, (3, 12))
+    a, b = padded(idx)[0], plain(idx)[0]
+    assert a.shape == b.shape == (3, 12, 64) and torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    g = torch.Generator().manual_seed(1)
+    sampled = padded.generate(idx, 10, temperature=2.0, top_k=None, generator=g)
+    assert sampled.max() < 64
+    assert torch.equal(padded.generate(idx, 10, greedy=True), plain.generate(idx, 10, greedy=True))
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    beams = beam_search(padded, prompts, beam_size=4, max_new_tokens=8, eos=0, no_repeat_ngram_size=0)
+    assert beams == beam_search(plain, prompts, beam_size=4, max_new_tokens=8, eos=0, no_repeat_ngram_size=0)
+    assert all(t < 64 for out in beams for t in out)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_loss_paths_equal_in_float64(monkeypatch, smoothing):
+    """loss_impl 'chunked' and 'plain' give the loss and gradients of cross-entropy over the unpadded model's
+    logits (float64), with ignored targets and label smoothing."""
+    monkeypatch.setattr(loss_module, "LOSS_CHUNK", 7)  # several chunks and a ragged last one
+    padded, plain = twins(seed=2)
+    idx, targets = torch.randint(0, 64, (3, 20)), torch.randint(0, 64, (3, 20))
+    targets[0, :9] = loss_module.IGNORE_INDEX
+    logits = plain.train()(idx)[0]
+    ref = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, label_smoothing=smoothing)
+    ref_grads = dict(zip(dict(plain.named_parameters()), torch.autograd.grad(ref, list(plain.parameters()))))
+    for impl in ("chunked", "plain"):
+        padded.config.loss_impl = impl
+        _, loss = padded.train()(idx, targets, label_smoothing=smoothing)
+        grads = torch.autograd.grad(loss, list(padded.parameters()))
+        assert torch.allclose(loss, ref, rtol=1e-12), impl
+        for (name, _), grad in zip(padded.named_parameters(), grads, strict=True):
+            want = ref_grads[name]
+            if name.endswith("wte.weight"):  # the padding rows get no gradient
+                assert torch.all(grad[64:] == 0), impl
+                grad = grad[:64]
+            assert torch.allclose(grad, want, rtol=1e-9, atol=1e-12), (impl, name, (grad - want).abs().max())
+
+
+def test_file_from_before_padding_loads_unpadded(tmp_path):
+    """A model file whose config has no vocab_multiple (saved before it existed) holds vocab_size rows: it loads
+    exactly so."""
+    from safetensors.torch import load_file, save_file
+
+    _, plain = twins()
+    plain.save(tmp_path / "new.safetensors")
+    arch = plain.config.architecture()
+    del arch["vocab_multiple"]
+    save_file(load_file(str(tmp_path / "new.safetensors")), str(tmp_path / "old.safetensors"),
+              metadata={"gpt_config": json.dumps(arch)})
+    old = GPT.from_file(tmp_path / "old.safetensors").double().eval()
+    assert old.config.vocab_multiple == 1 and old.transformer.wte.weight.shape[0] == 64
+    idx = torch.randint(0, 64, (2, 9))
+    assert torch.equal(old(idx)[0], plain(idx)[0])

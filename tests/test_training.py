@@ -10,11 +10,19 @@ import torch
 from conftest import REPO, assert_one_line_error, run_cli, run_entry, tiny_train_args
 
 import train
-from gpt2study.checkpoints import find_checkpoint, load_train_state, save_checkpoint
+from gpt2study.checkpoints import find_checkpoint, load_train_state, run_info, save_checkpoint
 from gpt2study.cli import load_config
 from gpt2study.settings import PretrainConfig
-from gpt2study.training import EpochSampler, TrainConfig, lr_at, make_optimizer
-from model import UserError
+from gpt2study.training import (
+    LENGTH_BUCKET,
+    EpochSampler,
+    TrainConfig,
+    compile_model,
+    lr_at,
+    make_optimizer,
+    resolve_precision,
+)
+from model import GPT, IGNORE_INDEX, GPTConfig, UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -272,8 +280,54 @@ def test_train_small_config_learns(token_data, tmp_path, monkeypatch):
 
 
 def test_compiled_model_trains_like_eager(token_data, tmp_path, monkeypatch):
-    """--compile=True (torch.compile, inductor on the CPU) gives the eager run's losses."""
-    for name, flag in (("eager", False), ("compiled", True)):
-        run_train(monkeypatch, tiny_train_args(token_data, tmp_path / name, max_iters=3, compile=flag))
+    """--compile=True (torch.compile, inductor on the CPU) gives the eager run's losses; the runs record what
+    they ran with, the eager one what 'auto' became on the CPU."""
+    for name, flags in (("eager", {}), ("compiled", {"compile": True, "dtype": "float32"})):
+        run_train(monkeypatch, tiny_train_args(token_data, tmp_path / name, max_iters=3, **flags))
     eager, compiled = ([r["loss"] for r in records(tmp_path / d)] for d in ("eager", "compiled"))
     assert compiled == pytest.approx(eager, abs=1e-4)
+    recorded = {d: run_info(find_checkpoint(tmp_path / d))["train"] for d in ("eager", "compiled")}
+    assert [(r["dtype"], r["compile"]) for r in recorded.values()] == [("float32", False), ("float32", True)]
+
+
+def test_auto_precision_by_device(monkeypatch):
+    """auto: bfloat16 autocast and torch.compile on CUDA (float16 where the GPU lacks bfloat16), float32 eager on a
+    CPU; explicit values win everywhere, including the bare --compile flag and --compile=False."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    cfg = load_config(TrainConfig, [])
+    assert (cfg.dtype, cfg.compile) == ("auto", None)
+    assert resolve_precision(cfg, cpu) == {"dtype": "float32", "compile": False}
+    for has_bf16, dtype in ((True, "bfloat16"), (False, "float16")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, v=has_bf16: v)
+        assert resolve_precision(cfg, cuda) == {"dtype": dtype, "compile": True}
+    explicit = load_config(TrainConfig, ["--dtype=float32", "--compile=False"])
+    assert resolve_precision(explicit, cuda) == {"dtype": "float32", "compile": False}
+    assert resolve_precision(load_config(TrainConfig, ["--compile"]), cpu) == {"dtype": "float32", "compile": True}
+    with pytest.raises(UserError, match="dtype"):
+        load_config(TrainConfig, ["--dtype=float64"])
+
+
+def test_compiled_lengths_are_bucketed():
+    """Fine-tuning batches of many lengths reach the compiled model in a few padded lengths (so it compiles a few
+    graphs, not one per step) and give the unpadded model's loss and gradients. With the plain loss, CUDA's
+    default: the chunked one keeps only the scored rows on a CPU, a shape that depends on the data."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=256, vocab_size=64,
+                          loss_impl="plain")).double()
+    counter = CompileCounter()
+    compiled = compile_model(model, backend=counter)
+    lengths = [7, 70, 3, 130, 64, 65, 127, 200, 33, 256]
+    for T in lengths:
+        idx = torch.randint(0, 64, (2, T))
+        targets = idx.roll(-1, 1).masked_fill(torch.rand(2, T) < 0.3, IGNORE_INDEX)
+        _, loss = compiled(idx, targets)
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        _, want = model(idx, targets)
+        assert torch.allclose(loss, want, rtol=1e-12)
+        for g, w in zip(grads, torch.autograd.grad(want, list(model.parameters())), strict=True):
+            assert torch.allclose(g, w, rtol=1e-9, atol=1e-12)
+    buckets = {-(-T // LENGTH_BUCKET) for T in lengths}
+    assert 1 <= counter.frame_count <= len(buckets) < len(set(lengths))

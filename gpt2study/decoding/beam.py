@@ -161,7 +161,8 @@ def beam_search(model, prompts: list[list[int]], beam_size: int = 10, length_pen
     max_live = len(prompts) if max_live is None else max_live
     if max_live < 1:
         raise UserError(f"max_live must be at least 1, not {max_live}")
-    weight = model.lm_head.weight  # with LoRA on the head: its effective weight, computed once
+    # with LoRA on the head: its effective weight, computed once; the rows past vocab_size are padding, no token
+    weight = model.lm_head.weight[:model.config.vocab_size]
     device = weight.device
     outputs: list[list[int]] = [[] for _ in prompts]
     waiting = list(range(len(prompts)))[::-1]  # next prompt last
