@@ -257,3 +257,11 @@ def slot_errors(mrs: list, outputs: list[str]) -> tuple[dict, list[SlotCheck]]:
     slots = sum(c.slots for c in checks)
     return {"SER": sum(total.values()) / max(slots, 1), **total, "slots": slots, "outputs": len(checks),
             "without_error": sum(c.errors == 0 for c in checks) / max(len(checks), 1)}, checks
+
+
+def fewest_errors(mr: str | dict, candidates: list[str]) -> int:
+    """The index of the candidate output with the fewest slot errors against the MR; of equals, the
+    first (candidates come best scored first, so ties go to the better score)."""
+    slots = parse_mr(mr) if isinstance(mr, str) else mr
+    errors = [check(slots, c).errors for c in candidates]
+    return errors.index(min(errors))
