@@ -168,11 +168,12 @@ def _words(text: str) -> list[str]:
 
 
 def family_mentions(text: str) -> list[Mention]:
-    """familyFriendly mentions: family words close together in one clause form one, negated or not."""
+    """familyFriendly mentions: family words close together in a sentence form one, negated or not."""
     mentions: list[Mention] = []
     for m in FAMILY.finditer(text):
         last = mentions[-1] if mentions else None
-        if last and not CLAUSE_BREAK.search(text[last.end:m.start()]) and len(text[last.end:m.start()].split()) <= 3:
+        gap = text[last.end:m.start()] if last else ""
+        if last and not re.search(r"[.;!?]", gap) and len(gap.split()) <= 3:  # "family and kid friendly"
             last.end = m.end()
             continue
         mentions.append(Mention("familyFriendly", "", m.start(), m.end()))
