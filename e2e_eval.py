@@ -104,10 +104,10 @@ def variant(cfg: EvalConfig, n_mrs: int, total: int) -> str:
 
 
 def score_with_slots(mrs: list[str], outputs: list[str], refs: list[list[str]]) -> tuple[dict, list]:
-    """The five metrics, SER and its parts (one dict), and each output's slot check."""
+    """The five metrics and SER (one dict; SER's parts under "slot_errors"), and each output's slot check."""
     scores = score(outputs, refs)
     ser, checks = slot_errors(mrs, outputs)
-    return {**scores, **ser}, checks
+    return {**scores, "SER": ser.pop("SER"), "slot_errors": ser}, checks
 
 
 def decode_outputs(model, test: list[dict], cfg: EvalConfig) -> list[str]:
@@ -191,11 +191,11 @@ def score_file(cfg: EvalConfig) -> None:
     test = read_test_set(cfg.refs)
     scores, _ = score_with_slots([mr for mr, _ in test], read_outputs(cfg.outputs), [refs for _, refs in test])
     if cfg.json:
-        print(json.dumps({k: scores[k] for k in (*METRICS, "SER", "missing", "wrong", "added", "repeated",
-                                                   "without_error", "official")}))
+        print(json.dumps({k: scores[k] for k in (*METRICS, "SER", "slot_errors", "official")}))
     else:
-        print(format_scores(scores) + f"\nSER: {scores['SER']:.4f} ({scores['missing']} missing, {scores['wrong']} "
-              f"wrong, {scores['added']} added, {scores['repeated']} repeated of {scores['slots']} slots)")
+        e = scores["slot_errors"]
+        print(format_scores(scores) + f"\nSER: {scores['SER']:.4f} ({e['missing']} missing, {e['wrong']} wrong, "
+              f"{e['added']} added, {e['repeated']} repeated of {e['slots']} slots)")
 
 
 def main():

@@ -2,8 +2,9 @@
 metrics and its slot errors, from the record that scores.json holds.
 
 A record: {"mrs", "of_mrs", "decoding", "systems": {name: scores or {"missing": why}}}, where the
-scores are `e2e_metrics.score`'s, plus "SER" and its parts (`e2e_slots.slot_errors`), and may
-name the system's "outputs" and "errors" (the error report) files and a "note".
+scores are `e2e_metrics.score`'s, plus "SER" and, under "slot_errors", its parts and the share
+of outputs without error (`e2e_slots.slot_errors`), and may name the system's "outputs" and
+"errors" (the error report) files and a "note".
 """
 
 import csv
@@ -35,7 +36,8 @@ def markdown(record: dict) -> str:
         unofficial |= any(marks)
         cells = [f"{sc[m]:.4f}{k}" for m, k in zip(METRICS, marks)]
         if "SER" in sc:
-            cells += [f"{100 * sc['SER']:.2f} %", *(str(sc[p]) for p in PARTS), f"{100 * sc['without_error']:.1f} %"]
+            e = sc["slot_errors"]
+            cells += [f"{100 * sc['SER']:.2f} %", *(str(e[p]) for p in PARTS), f"{100 * e['without_error']:.1f} %"]
         else:  # a record written before SER was counted
             cells += ["–"] * (len(head) - len(METRICS))
         note = f" ({sc['note']})" if sc.get("note") else ""
@@ -53,15 +55,16 @@ def write_error_report(path: Path, mrs: list[str], outputs: list[str], checks: l
     """A TSV, one row per MR in test-set order: the MR, the output, its error count, and the slots
     missing, wrong, added and repeated (each a '; '-separated list)."""
     with open(path, "w", encoding="utf-8", newline="") as f:
-        w = csv.writer(f, delimiter="\t", lineterminator="\n")
+        w = csv.writer(f, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_NONE, quotechar=None)
         w.writerow(ERROR_COLUMNS)
         for mr, out, c in zip(mrs, outputs, checks, strict=True):
-            w.writerow([mr, out, c.errors, *("; ".join(getattr(c, p)) for p in PARTS)])
+            row = [mr, out, c.errors, *("; ".join(getattr(c, p)) for p in PARTS)]
+            w.writerow([" ".join(str(x).split()) for x in row])  # a plain TSV: no tab or line break in a cell
 
 
 def read_error_report(path: Path) -> list[dict]:
     with open(path, encoding="utf-8", newline="") as f:
-        return list(csv.DictReader(f, delimiter="\t"))
+        return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
 
 
 def worst_outputs(path: Path, n: int = 5) -> str:
