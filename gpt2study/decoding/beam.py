@@ -129,9 +129,11 @@ class Groups:
 
     @classmethod
     def empty(cls, K: int, max_new_tokens: int, device) -> "Groups":
-        long = torch.zeros(0, dtype=torch.long, device=device)
-        return cls(long, long, torch.zeros(0, K, device=device), long.view(0, K, 1).expand(0, K, max_new_tokens),
-                   long.view(0, K), torch.zeros(0, K, device=device), long.view(0, K, 1).expand(0, K, max_new_tokens))
+        def none(*shape, dtype=torch.long):
+            return torch.zeros(0, *shape, dtype=dtype, device=device)
+
+        return cls(prompt=none(), steps=none(), scores=none(K, dtype=None), seqs=none(K, max_new_tokens),
+                   last=none(K), fin_scores=none(K, dtype=None), fin_seqs=none(K, max_new_tokens))
 
     def __len__(self) -> int:
         return self.prompt.numel()
