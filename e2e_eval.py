@@ -7,13 +7,20 @@
 Each fine-tuning config names a base model and the LoRA run made on it: both become a row,
 the base alone ("before") and with its adapter ("after"). Every system decodes the 630 test
 MRs with beam search (beam 10, length penalty 0.8, no repeated 4-gram, at most 64 tokens);
-the outputs, the table (scores.md) and the scores (scores.json) go to --out_dir, with the MR
-count and the decoding settings. A table of fewer MRs or other decoding settings is written
-beside it under its own name, never over it. A system that does not exist yet is listed with
-the command that makes it.
+the outputs, an error report per system (SYSTEM.errors.tsv: each MR's slots the output missed,
+got wrong, added or repeated), the table (scores.md) and the scores (scores.json) go to
+--out_dir, with the MR count and the decoding settings. A table of fewer MRs or other decoding
+settings is written beside it under its own name, never over it. A system that does not exist
+yet is listed with the command that makes it.
+
+    python e2e_eval.py --configs config/lora_e2e_small.py --rerank_slots --max_mrs 60
+
+takes, of each MR's final beam, the hypothesis with the fewest slot errors against its MR (ties:
+the better scored) instead of the best scored; --max_mrs decodes only the first MRs, to try fast.
 
 Scores are on the official scorer's scale: BLEU, METEOR and ROUGE_L are fractions (the LoRA
-paper shows them x100), NIST and CIDEr as they come.
+paper shows them x100), NIST and CIDEr as they come. SER, the slot error rate (gpt2study/
+e2e_slots.py), is a fraction too: (missing + wrong + added + repeated slots) / the MRs' slots.
 """
 
 import json
@@ -27,7 +34,9 @@ from pathlib import Path
 from gpt2study.checkpoints import ADAPTER_FILE, find_checkpoint, load_train_state, run_info
 from gpt2study.cli import load_config, resolve_device, run_main
 from gpt2study.e2e_data import ensure_prepared, load_prepared
-from gpt2study.e2e_metrics import FOOTNOTE, METRICS, format_scores, read_outputs, read_references, score
+from gpt2study.e2e_metrics import METRICS, format_scores, read_outputs, read_test_set, score
+from gpt2study.e2e_slots import fewest_errors, slot_errors
+from gpt2study.e2e_table import markdown, write_error_report
 from gpt2study.folder_lock import hold
 from gpt2study.loading import STUDY_RUNS, load_adapter_into, load_base, resolve
 from gpt2study.settings import DecodeConfig, EvalConfig, FinetuneConfig
@@ -95,35 +104,42 @@ def variant(cfg: EvalConfig, n_mrs: int, total: int) -> str:
     return slug("_".join(parts))
 
 
-def markdown_table(results: list[tuple[System, dict | None]], n_mrs: int, decoding: dict) -> str:
-    settings = ", ".join(f"{k} {v}" for k, v in decoding.items())
-    lines = [f"E2E test set, {n_mrs} MRs; decoding: {settings}", "",
-             "| system | " + " | ".join(METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
-    unofficial = False
-    for system, scores in results:
-        if scores is None:
-            lines.append(f"| {system.name} | " + " | ".join("–" for _ in METRICS) + " |")
-            continue
-        cells = []
-        for m in METRICS:
-            mark = "*" if m in scores["unofficial"] else ""
-            unofficial |= bool(mark)
-            cells.append(f"{scores[m]:.4f}{mark}")
-        lines.append(f"| {system.name}{f' ({system.note})' if system.note else ''} | " + " | ".join(cells) + " |")
-    missing = [f"- {s.name}: {s.missing}" for s, sc in results if sc is None]
-    return "\n".join(lines + ([FOOTNOTE] if unofficial else []) + (["", "Not evaluated:", *missing] if missing else []))
+def score_with_slots(mrs: list[str], outputs: list[str], refs: list[list[str]]) -> tuple[dict, list]:
+    """The five metrics and SER (one dict; SER's parts under "slot_errors"), and each output's slot check."""
+    scores = score(outputs, refs)
+    ser, checks = slot_errors(mrs, outputs)
+    return {**scores, "SER": ser.pop("SER"), "slot_errors": ser}, checks
+
+
+def decode_outputs(model, test: list[dict], cfg: EvalConfig) -> list[str]:
+    """One output line per test MR, as cfg's decoding gives it."""
+    from gpt2study.decoding import continuations
+
+    prompts = [r["prompt"] for r in test]
+    if cfg.method == "greedy":
+        ids = continuations(model, prompts, method="greedy", batch_size=cfg.batch_size,
+                            max_new_tokens=cfg.max_new_tokens)
+        return [" ".join(decode(t).split()) for t in ids]
+    beam = {k: v for k, v in cfg.decoding().items() if k not in ("method", "rerank_slots")}
+    if not cfg.rerank_slots:
+        ids = continuations(model, prompts, batch_size=cfg.batch_size, **beam)
+        return [" ".join(decode(t).split()) for t in ids]
+    beams = continuations(model, prompts, batch_size=cfg.batch_size, all_hypotheses=True, **beam)
+    outputs = []
+    for row, hyps in zip(test, beams):
+        texts = [" ".join(decode(t).split()) for t, _ in hyps]
+        outputs.append(texts[fewest_errors(row["mr"], texts)])
+    return outputs
 
 
 def evaluate_systems(cfg: EvalConfig) -> Path:
     """Decode and score every system of cfg.configs; returns the scores.json written."""
-    from gpt2study.decoding import continuations
-
     device = resolve_device(cfg.device)
     data_dir = ensure_prepared(Path(cfg.data_dir))
     test = load_prepared(data_dir, "test")
     total = len(test)
     test = test[:cfg.max_mrs or None]
-    prompts, refs = [r["prompt"] for r in test], [r["refs"] for r in test]
+    mrs, refs = [r["mr"] for r in test], [r["refs"] for r in test]
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = variant(cfg, len(test), total)
@@ -133,39 +149,37 @@ def evaluate_systems(cfg: EvalConfig) -> Path:
     for s in systems:
         if s.lora_run and lora_names[s.name] > 1:  # two LoRA runs on one base: say which is which
             s.name += f" ({s.lora_run})"
-    seen, results = set(), []
-    beam = {f.name: getattr(cfg, f.name) for f in fields(DecodeConfig) if f.name not in ("method", "batch_size")}
-    if cfg.method == "greedy":
-        beam = {"max_new_tokens": cfg.max_new_tokens}
+    seen, rows = set(), {}
     for system in systems:
         if (system.name, system.base) in seen:  # two configs on the same base: one base row
             continue
         seen.add((system.name, system.base))
+        if not system.missing:
+            try:
+                model = build(system, device)
+            except UserError as e:  # e.g. gpt2-medium offline and not cached
+                system.missing = str(e)
         if system.missing:
-            results.append((system, None))
-            continue
-        try:
-            model = build(system, device)
-        except UserError as e:  # e.g. gpt2-medium offline and not cached
-            system.missing = str(e)
-            results.append((system, None))
+            rows[system.name] = {"missing": system.missing}
             continue
         t0 = time.perf_counter()
-        ids = continuations(model, prompts, method=cfg.method, batch_size=cfg.batch_size, **beam)
+        outputs = decode_outputs(model, test, cfg)
         seconds = time.perf_counter() - t0
-        outputs = [" ".join(decode(t).split()) for t in ids]  # one line each
+        del model
         out_file = out_dir / f"{slug(system.name)}{suffix}.txt"
         out_file.write_text("".join(o + "\n" for o in outputs), encoding="utf-8")
-        scores = score(outputs, refs)
-        scores["decode_seconds"] = round(seconds, 1)
-        print(f"{system.name}: decoded {len(outputs)} MRs in {seconds:.0f} s -> {out_file}\n{format_scores(scores)}")
-        results.append((system, scores))
-        del model
-    table = markdown_table(results, len(test), cfg.decoding())
+        scores, checks = score_with_slots(mrs, outputs, refs)
+        errors_file = out_file.with_suffix(".errors.tsv")
+        write_error_report(errors_file, mrs, outputs, checks)
+        print(f"{system.name}: decoded {len(outputs)} MRs in {seconds:.0f} s -> {out_file}\n{format_scores(scores)}"
+              f"\nSER: {scores['SER']:.4f} (error report: {errors_file})")
+        rows[system.name] = {"base": system.base, "adapter": str(system.adapter) if system.adapter else None,
+                             **({"note": system.note} if system.note else {}), **scores,
+                             "decode_seconds": round(seconds, 1), "outputs": str(out_file),
+                             "errors": str(errors_file)}
+    record = {"mrs": len(test), "of_mrs": total, "decoding": cfg.decoding(), "systems": rows}
+    table = markdown(record)
     (out_dir / f"scores{suffix}.md").write_text(table + "\n")
-    record = {"mrs": len(test), "of_mrs": total, "decoding": cfg.decoding(), "systems": {
-        s.name: ({"base": s.base, "adapter": str(s.adapter) if s.adapter else None, **sc} if sc else
-                 {"missing": s.missing}) for s, sc in results}}
     path = out_dir / f"scores{suffix}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"\n{table}\n\nwritten to {out_dir}/scores{suffix}.md and scores{suffix}.json")
@@ -175,8 +189,14 @@ def evaluate_systems(cfg: EvalConfig) -> Path:
 def score_file(cfg: EvalConfig) -> None:
     if not cfg.refs:
         raise UserError("--outputs needs --refs: the test set CSV (testset_w_refs.csv) or the release zip")
-    scores = score(read_outputs(cfg.outputs), read_references(cfg.refs))
-    print(json.dumps({m: scores[m] for m in (*METRICS, "official")}) if cfg.json else format_scores(scores))
+    test = read_test_set(cfg.refs)
+    scores, _ = score_with_slots([mr for mr, _ in test], read_outputs(cfg.outputs), [refs for _, refs in test])
+    if cfg.json:
+        print(json.dumps({k: scores[k] for k in (*METRICS, "SER", "slot_errors", "official")}))
+    else:
+        e = scores["slot_errors"]
+        print(format_scores(scores) + f"\nSER: {scores['SER']:.4f} ({e['missing']} missing, {e['wrong']} wrong, "
+              f"{e['added']} added, {e['repeated']} repeated of {e['slots']} slots)")
 
 
 def main():

@@ -752,8 +752,9 @@ def lora_curves(study: Study) -> Path | None:
 
 
 def e2e_table(eval_step: Step, steps: list[Step]) -> tuple[str, dict]:
-    """The E2E table (each base before and after LoRA), with a row for every system not evaluated."""
-    from gpt2study.e2e_metrics import FOOTNOTE, METRICS
+    """The E2E table (each base before and after LoRA), with a row for every system not evaluated,
+    and our model's five worst outputs with their slot errors."""
+    from gpt2study.e2e_table import markdown, worst_outputs
 
     path = scores_file(eval_step.settings["out_dir"])
     record = json.loads(path.read_text()) if path else {"systems": {}}
@@ -761,26 +762,14 @@ def e2e_table(eval_step: Step, steps: list[Step]) -> tuple[str, dict]:
     for s in steps:
         if s.name == "lora_e2e_gpt2m" and s.status in ("skipped", "off"):
             systems["GPT-2 medium"] = systems["GPT-2 medium + LoRA"] = {"missing": s.note}
-    lines = []
-    if path:
-        settings = ", ".join(f"{k} {v}" for k, v in record["decoding"].items())
-        of = f" (of {record['of_mrs']})" if record.get("of_mrs", record["mrs"]) != record["mrs"] else ""
-        lines += [f"E2E test set, {record['mrs']} MRs{of}; decoding: {settings}", ""]
-    lines += ["| system | " + " | ".join(METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
-    unofficial, missing = False, {}
-    for name, sc in systems.items():
-        if "missing" in sc:
-            lines.append(f"| {name} | " + " | ".join("–" for _ in METRICS) + " |")
-            missing.setdefault(sc["missing"], []).append(name)  # a base and its LoRA row often share the reason
-            continue
-        marks = ["*" if m in sc.get("unofficial", ()) else "" for m in METRICS]
-        unofficial |= any(marks)
-        lines.append(f"| {name} | " + " | ".join(f"{sc[m]:.4f}{k}" for m, k in zip(METRICS, marks)) + " |")
-    if unofficial:
-        lines += ["", FOOTNOTE]
-    if missing:
-        lines += ["", "Not evaluated:", *(f"- {', '.join(names)}: {why}" for why, names in missing.items())]
-    return "\n".join(lines), {**record, "systems": systems, "scores_file": str(path) if path else None}
+    record = {**record, "systems": systems}
+    text = markdown(record)
+    ours = [sc for sc in systems.values() if sc.get("adapter") and sc.get("base") != "gpt2-medium" and sc.get("errors")]
+    if ours and Path(ours[0]["errors"]).is_file():
+        worst = worst_outputs(Path(ours[0]["errors"]))
+        text += ("\n\nOur model + LoRA: its five outputs with the most slot errors (all of them in "
+                 f"`{Path(ours[0]['errors']).name}`)\n\n" + worst) if worst else "\n\nOur model + LoRA: no slot errors."
+    return text, {**record, "scores_file": str(path) if path else None}
 
 
 def step_rows(study: Study) -> list[dict]:

@@ -55,14 +55,19 @@ def read_outputs(path) -> list[str]:
     return [line.strip() for line in text.splitlines()]
 
 
-def read_references(path) -> list[list[str]]:
-    """Reference groups, one per MR in file order, from a testset_w_refs-style CSV (or the release zip/folder)."""
+def read_test_set(path) -> list[tuple[str, list[str]]]:
+    """(MR, its references), one per MR in file order, from a testset_w_refs-style CSV (or the release zip/folder)."""
     path = Path(path)
     if path.is_file() and path.suffix.lower() == ".csv":
         pairs = parse_pairs_csv(path.read_bytes(), str(path))
     else:
         pairs = read_split(path, "test")
-    return [refs for _, refs in group_by_mr(pairs)]
+    return group_by_mr(pairs)
+
+
+def read_references(path) -> list[list[str]]:
+    """Reference groups, one per MR in file order (see read_test_set)."""
+    return [refs for _, refs in read_test_set(path)]
 
 
 # ----------------------------------------------------------------------------- BLEU and NIST (mteval-v13a)

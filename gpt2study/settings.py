@@ -105,12 +105,18 @@ class DecodeConfig:
     max_new_tokens: int = setting(64, "longest output, in tokens", at_least=1)
     beam_rule: str = setting("transformers", "'transformers' (generate()'s rule) or 'paper' (the LoRA paper's "
                              "decoder); see decoding/beam.py", choices=BEAM_RULES)
+    rerank_slots: bool = setting(False, "of the final beam, take the hypothesis with the fewest slot errors against "
+                                 "its MR (ties: the better beam score) instead of the best scored")
     batch_size: int | None = setting(None, "MRs decoded side by side (None: by device)", at_least=1)
+
+    def check(self):
+        if self.rerank_slots and self.method != "beam":
+            raise UserError("rerank_slots chooses among the final beam: it needs method='beam'")
 
     def decoding(self) -> dict:
         """The settings that decide the outputs, as scores.json records them."""
         keys = ("method",) if self.method == "greedy" else (
-            "method", "beam_size", "length_penalty", "no_repeat_ngram_size", "beam_rule")
+            "method", "beam_size", "length_penalty", "no_repeat_ngram_size", "beam_rule", "rerank_slots")
         return {k: getattr(self, k) for k in (*keys, "max_new_tokens")}
 
 
@@ -127,6 +133,7 @@ class EvalConfig(DecodeConfig):
     json: bool = setting(False, "with outputs: print one JSON object")
 
     def check(self):
+        super().check()
         if self.refs and not self.outputs:
             raise UserError("refs goes with outputs: --outputs FILE --refs testset_w_refs.csv")
 

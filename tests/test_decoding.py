@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import gpt2study.decoding.beam as beam
 from gpt2study import decoding
-from gpt2study.decoding import beam_search, continuations, generate_batch
+from gpt2study.decoding import beam_hypotheses, beam_search, continuations, generate_batch
 from gpt2study.decoding.beam import ban_repeated_ngrams, repeated_ngrams, stay_in_place
 from gpt2study.decoding.beam_cache import BeamCache, grouped_one_query_attention
 from model import GPT, GPTConfig, KVCache, UserError
@@ -144,6 +144,36 @@ def test_beam_1_is_greedy():
             got = beam_search(model, [p], beam_size=1, length_penalty=lp, no_repeat_ngram_size=0,
                               max_new_tokens=30, eos=eos)
             assert got == [want]
+
+
+def test_the_final_beam_is_scored_best_first_and_led_by_the_search_result():
+    vocab, eos, K, lp, max_new = 9, 8, 4, 0.8, 7
+    model = tiny_model(vocab, seed=3)
+    prompts = random_prompts([2, 5, 3, 4], vocab, eos, seed=3)
+    kw = dict(beam_size=K, length_penalty=lp, no_repeat_ngram_size=0, max_new_tokens=max_new, eos=eos)
+    finals = beam_hypotheses(model, prompts, max_live=2, **kw)
+    assert [h[0][0] for h in finals] == beam_search(model, prompts, **kw)
+    for p, hyps in zip(prompts, finals):
+        assert 1 <= len(hyps) <= K and len({tuple(t) for t, _ in hyps}) == len(hyps)
+        scores = [s for _, s in hyps]
+        assert scores == sorted(scores, reverse=True)
+        # each score is the hypothesis' log-prob (its EOT included, if it has one) / length ** lp
+        full = [[*t, eos] if len(t) < max_new else t for t, _ in hyps]
+        want = [lp_sum / len(f) ** lp for lp_sum, f in zip(sequence_logprobs(model, p, full), full)]
+        assert scores == pytest.approx(want, abs=1e-4)
+
+
+def test_continuations_give_the_final_beams_in_input_order():
+    vocab, eos = 9, 8
+    model = tiny_model(vocab, seed=4)
+    prompts = random_prompts([2, 6, 3], vocab, eos, seed=4)
+    kw = dict(beam_size=3, max_new_tokens=5, eos=eos)
+    got = continuations(model, prompts, all_hypotheses=True, progress=False, **kw)  # longest first inside
+    want = [beam_hypotheses(model, [p], **kw)[0] for p in prompts]
+    assert [[t for t, _ in h] for h in got] == [[t for t, _ in h] for h in want]
+    assert [s for h in got for _, s in h] == pytest.approx([s for h in want for _, s in h], abs=1e-5)
+    with pytest.raises(UserError, match="final beam"):
+        continuations(model, prompts, method="greedy", all_hypotheses=True, progress=False)
 
 
 @pytest.mark.parametrize(("vocab", "max_new", "ngram"), [(5, 3, 0), (4, 4, 0), (4, 4, 2)])

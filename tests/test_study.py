@@ -11,11 +11,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import REPO, assert_one_line_error, run_cli
 
 from gpt2study.checkpoints import find_checkpoint, run_info
+from gpt2study.e2e_table import read_error_report
 from gpt2study.plots import Curve, plot_curves, read_metrics
 
 STEPS = ("data_text", "data_e2e", "pretrain", "pretrain_continue", "samples", "lora_e2e", "lora_e2e_gpt2m",
@@ -135,8 +137,8 @@ def test_the_table_has_each_base_before_and_after_lora(study):
             if line.startswith("| GPT-2")}
     assert list(rows) == ["GPT-2 pretrain_continue", "GPT-2 pretrain_continue + LoRA", "GPT-2 medium",
                           "GPT-2 medium + LoRA"]
-    for name in ("GPT-2 pretrain_continue", "GPT-2 pretrain_continue + LoRA"):
-        assert all(math.isfinite(float(c.strip().rstrip("*"))) for c in rows[name]), rows[name]
+    for name in ("GPT-2 pretrain_continue", "GPT-2 pretrain_continue + LoRA"):  # the five metrics, SER, its parts
+        assert all(math.isfinite(float(c.strip().rstrip("*% "))) for c in rows[name]), rows[name]
     assert all(c.strip() == "–" for c in rows["GPT-2 medium"] + rows["GPT-2 medium + LoRA"])
     missing = md.split("Not evaluated:\n")[1].splitlines()[0]
     assert missing.startswith("- GPT-2 medium, GPT-2 medium + LoRA: ") and "HF_HUB_OFFLINE" in missing
@@ -145,7 +147,10 @@ def test_the_table_has_each_base_before_and_after_lora(study):
     scores = json.loads(next((out / "e2e_eval").glob("scores*.json")).read_text())
     ours = scores["systems"]["GPT-2 pretrain_continue + LoRA"]
     assert [f"{ours[m]:.4f}" for m in ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")] == \
-        [c.strip().rstrip("*") for c in rows["GPT-2 pretrain_continue + LoRA"]]
+        [c.strip().rstrip("*") for c in rows["GPT-2 pretrain_continue + LoRA"][:5]]
+    assert rows["GPT-2 pretrain_continue + LoRA"][5].strip() == f"{100 * ours['SER']:.2f} %"
+    if any(int(row["errors"]) for row in read_error_report(Path(ours["errors"]))):
+        assert "five outputs with the most slot errors" in md
     assert scores["mrs"] == 5 and "5 MRs" in md
     # the ten prompts, each with its continuation
     prompts = [p for p in (REPO / "prompts.txt").read_text().splitlines() if p.strip()]

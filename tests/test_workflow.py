@@ -8,6 +8,7 @@ from conftest import REPO, assert_one_line_error, run_cli, run_entry, tiny_train
 
 from finetune import E2EPairs
 from gpt2study.e2e_data import tokenize_example
+from gpt2study.e2e_table import read_error_report
 from gpt2study.tokenizer import EOT, encode
 from kernels.linear_cross_entropy import IGNORE_INDEX
 
@@ -200,6 +201,23 @@ def test_e2e_eval_table(base_run, e2e_data, tmp_path, monkeypatch, capsys):
     outputs = (out / f"gpt_2_{base_run.name}.{tag}.txt").read_text().splitlines()
     assert len(outputs) == len(PAIRS) and all(outputs)
     assert "python finetune.py" in r.stdout  # the missing adapter is listed with its command there too
+    # slot errors beside the five metrics, and an error report beside each system's outputs
+    assert "| SER |" in table and record["decoding"]["rerank_slots"] is False
+    report = read_error_report(out / f"gpt_2_{base_run.name}.{tag}.errors.tsv")
+    assert [(row["mr"], row["output"]) for row in report] == [(mr, o) for (mr, _), o in zip(PAIRS, outputs)]
+    base = scores[names[0]]
+    assert base["SER"] == pytest.approx(sum(int(row["errors"]) for row in report) / 10)
+    assert base["slot_errors"]["slots"] == 10 and base["errors"].endswith(".errors.tsv")
+
+    # the decoder that checks itself: of each final beam, the hypothesis with the fewest slot errors
+    r = run_cli("e2e_eval.py", f"--configs={config}", "--data_dir", e2e_data, "--out_dir", out, "--beam_size", 2,
+                "--max_new_tokens", 6, "--rerank_slots", "--max_mrs", 2, env={"E2E_METRICS_NO_JAVA": "1"})
+    assert r.returncode == 0, r.stderr
+    rerank = f"first2_{tag}_rerank_slots_true"
+    assert json.loads((out / f"scores.{rerank}.json").read_text())["decoding"]["rerank_slots"] is True
+    checked = read_error_report(out / f"gpt_2_{base_run.name}.{rerank}.errors.tsv")
+    assert len(checked) == 2
+    assert all(int(a["errors"]) <= int(b["errors"]) for a, b in zip(checked, report))
 
 
 def test_e2e_eval_scores_a_file(tmp_path):
@@ -211,6 +229,12 @@ def test_e2e_eval_scores_a_file(tmp_path):
     assert r.returncode == 0, r.stderr
     scores = json.loads(r.stdout.strip().splitlines()[-1])
     assert scores["BLEU"] == pytest.approx(1.0) and scores["official"] is False
+    assert scores["SER"] == 0.0 and scores["slot_errors"]["without_error"] == 1.0  # the references say every slot
+    outputs.write_text("The Eagle is a French pub.\n" + "".join(ref + "\n" for _, ref in PAIRS[1:]))
+    r = run_cli("e2e_eval.py", "--outputs", outputs, "--refs", refs, "--json", env={"E2E_METRICS_NO_JAVA": "1"})
+    scores = json.loads(r.stdout.strip().splitlines()[-1])
+    assert scores["SER"] == pytest.approx(1 / 10) and scores["slot_errors"]["wrong"] == 1
+    assert scores["slot_errors"]["without_error"] == 0.75
     outputs.write_text("one line only\n")
     assert_one_line_error(run_cli("e2e_eval.py", "--outputs", outputs, "--refs", refs,
                                   env={"E2E_METRICS_NO_JAVA": "1"}), "1", "4")

@@ -16,9 +16,9 @@ from gpt2study.tokenizer import EOT
 from model import UserError
 
 from .batch import check_prompts, eval_mode, left_pad, strip_after
-from .beam import BEAM_RULES, beam_search
+from .beam import BEAM_RULES, beam_hypotheses, beam_search
 
-__all__ = ["BEAM_RULES", "METHODS", "beam_search", "continuations", "generate_batch", "left_pad"]
+__all__ = ["BEAM_RULES", "METHODS", "beam_hypotheses", "beam_search", "continuations", "generate_batch", "left_pad"]
 
 METHODS = ("beam", "greedy", "sample")
 ROWS_PER_BATCH = {"cpu": 100, "cuda": 512}  # sequences decoded side by side (prompts × beams)
@@ -43,8 +43,9 @@ def default_batch_size(model, method: str = "beam", beam_size: int = 10) -> int:
 
 
 def continuations(model, prompts: list[list[int]], method: str = "beam", batch_size: int | None = None,
-                  progress: bool = True, **kw) -> list[list[int]]:
-    """Continuations of all prompts, EOT stripped, in input order.
+                  progress: bool = True, all_hypotheses: bool = False, **kw) -> list:
+    """Continuations of all prompts, EOT stripped, in input order; with all_hypotheses (beam
+    search only), each prompt's final beam instead: (tokens, score) pairs, best first.
 
     method: 'beam' (keywords of `beam_search`), 'greedy' or 'sample' (keywords of
     `generate_batch`). Prompts go in by length, longest first, so that rows side by side carry
@@ -56,6 +57,8 @@ def continuations(model, prompts: list[list[int]], method: str = "beam", batch_s
 
     if method not in METHODS:
         raise UserError(f"unknown decoding method {method!r}; choose one of {', '.join(METHODS)}")
+    if all_hypotheses and method != "beam":
+        raise UserError("all_hypotheses: only beam search has a final beam")
     if batch_size is None:
         batch_size = default_batch_size(model, method, kw.get("beam_size", 10))
     if batch_size < 1:
@@ -63,10 +66,11 @@ def continuations(model, prompts: list[list[int]], method: str = "beam", batch_s
     check_prompts(prompts)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     ordered = [prompts[i] for i in order]
-    outputs: list[list[int]] = [[] for _ in prompts]
+    outputs: list = [[] for _ in prompts]
     with tqdm(total=len(prompts), desc=f"{method} decoding", unit="prompt", disable=not progress) as bar:
         if method == "beam":
-            results = beam_search(model, ordered, max_live=batch_size, on_done=bar.update, **kw)
+            search = beam_hypotheses if all_hypotheses else beam_search
+            results = search(model, ordered, max_live=batch_size, on_done=bar.update, **kw)
         else:
             results = []
             for start in range(0, len(ordered), batch_size):

@@ -1,6 +1,7 @@
 """Beam search over many prompts at once, with a KV cache and continuous batching."""
 
 import math
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -14,8 +15,8 @@ from .beam_cache import BeamCache
 # 'transformers': GenerationMixin's rule (2K candidates, finished beams replaced, its stopping
 # heuristic); 'paper': the LoRA paper's E2E decoder (microsoft/LoRA, gpt2_beam.py). See beam_search.
 BEAM_RULES = ("transformers", "paper")
-# Beam search on a CPU projects the vocabulary a chunk at a time: of about HEAD_CHUNK weights of the LM
-# head (8 MB in float32), at most VOCAB_CHUNK entries (measured best for 128 to 1024 dims on 2 cores).
+# Beam search on a CPU projects the vocabulary a chunk at a time, of about HEAD_CHUNK weights of the LM
+# head and at most VOCAB_CHUNK entries: small enough for a chunk's logits to stay in cache.
 HEAD_CHUNK, VOCAB_CHUNK = 2**21, 8192
 
 
@@ -59,8 +60,7 @@ def top_next_tokens(weight, h, k: int, generated, lengths, no_repeat_ngram_size:
     ban_first, on the logits before it, so the others share their probability. On a CPU the
     head works through the vocabulary a chunk at a time, each chunk reduced to its log-sum-exp
     and its top k while still in cache: a whole (R, V) block of logits would go through main
-    memory for the log-softmax, and again for the top-k (for the 128-dim model, a third of the
-    projection's own time).
+    memory for the log-softmax, and again for the top-k.
     """
     V = weight.size(0)
     chunk = V if h.is_cuda else max(1, min(VOCAB_CHUNK, HEAD_CHUNK // weight.size(1)))
@@ -114,11 +114,196 @@ def stay_in_place(parents):
     return torch.empty_like(row).scatter_(1, row, torch.arange(K, device=parents.device).expand(A, K))
 
 
+@dataclass
+class Groups:
+    """The prompts decoded side by side: group a decodes prompt `prompt[a]` with K beams, which
+    live in cache rows a·K to a·K+K-1."""
+
+    prompt: torch.Tensor  # (A,) the index of each group's prompt
+    steps: torch.Tensor  # (A,) tokens generated so far
+    scores: torch.Tensor  # (A, K) each running beam's sum_logprob; -inf: no beam
+    seqs: torch.Tensor  # (A, K, max_new_tokens) each running beam's tokens
+    last: torch.Tensor  # (A, K) each running beam's newest token: the model's next input
+    fin_scores: torch.Tensor  # (A, K) the finished hypotheses' scores, best first; -inf: none yet
+    fin_seqs: torch.Tensor  # (A, K, max_new_tokens)
+
+    @classmethod
+    def empty(cls, K: int, max_new_tokens: int, device) -> "Groups":
+        def none(*shape, dtype=torch.long):
+            return torch.zeros(0, *shape, dtype=dtype, device=device)
+
+        return cls(prompt=none(), steps=none(), scores=none(K, dtype=None), seqs=none(K, max_new_tokens),
+                   last=none(K), fin_scores=none(K, dtype=None), fin_seqs=none(K, max_new_tokens))
+
+    def __len__(self) -> int:
+        return self.prompt.numel()
+
+    def add(self, prompts: list[int], eos: int) -> None:
+        """New groups at the end: one live beam each (so that the beams will differ), nothing finished."""
+        n, (K, L), device = len(prompts), self.seqs.shape[1:], self.prompt.device
+
+        def grow(x, fill, *shape):
+            return torch.cat([x, torch.full((n, *shape), fill, dtype=x.dtype, device=device)])
+
+        scores = torch.full((n, K), -math.inf, device=device)
+        scores[:, 0] = 0.0
+        self.prompt = torch.cat([self.prompt, torch.tensor(prompts, device=device)])
+        self.steps, self.scores = grow(self.steps, 0), torch.cat([self.scores, scores])
+        self.seqs, self.last = grow(self.seqs, eos, K, L), grow(self.last, eos, K)
+        self.fin_scores, self.fin_seqs = grow(self.fin_scores, -math.inf, K), grow(self.fin_seqs, eos, K, L)
+
+    def keep(self, order: torch.Tensor) -> None:
+        """Only the groups `order`, in that order."""
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name)[order])
+
+
+def gather_beams(x, index):
+    """The beams `index` (A, J) of each group of x (A, M) or (A, M, L)."""
+    return x.gather(1, index) if x.dim() == 2 else x.gather(1, index[..., None].expand(-1, -1, x.size(2)))
+
+
+def admit(model, cache: BeamCache, prompts: list[list[int]], eos: int):
+    """Read new prompts (left-padded, in a cache of their own), give each K rows of the beam cache,
+    and return each prompt's last hidden state: one row per prompt, which its K beams share."""
+    idx, pad = left_pad(prompts, eos, cache.k.device)
+    fresh = model.new_cache(len(prompts), idx.size(1), pad)
+    h = model.hidden_states(idx, fresh)[:, -1]
+    cache.insert(fresh, len(prompts))
+    return h
+
+
+def shared_rows(groups: Groups, n_new: int):
+    """Rows of hidden states per group: K for a running group, 1 for each of the n_new groups just
+    admitted, whose K beams start alike. Returns (first, expand): the beam rows those hidden states
+    stand for (to pick their n-gram histories), and the indices that give each of the A·K beams
+    its row of candidates."""
+    A, K, device = len(groups), groups.seqs.size(1), groups.prompt.device
+    old = (A - n_new) * K
+    first = torch.cat([torch.arange(old, device=device), torch.arange(old, A * K, K, device=device)])
+    expand = torch.cat([torch.arange(old, device=device),
+                        torch.arange(old, old + n_new, device=device).repeat_interleave(K)])
+    return first, expand
+
+
+def next_tokens(weight, h, groups: Groups, n_new: int, n_cand: int, no_repeat_ngram_size: int, paper: bool):
+    """Each beam's n_cand likeliest next tokens (`top_next_tokens`), as (log-probs, ids), (A·K, M) each."""
+    A, K, L = groups.seqs.shape
+    t_max = int(groups.steps.max())  # tokens generated by the group furthest on
+    generated, lengths = groups.seqs.reshape(A * K, L)[:, :t_max], groups.steps.repeat_interleave(K)
+    if n_new:
+        first, expand = shared_rows(groups, n_new)
+        generated, lengths = generated[first], lengths[first]
+    logp, ids = top_next_tokens(weight, h, n_cand, generated, lengths, no_repeat_ngram_size, ban_first=paper)
+    return (logp[expand], ids[expand]) if n_new else (logp, ids)
+
+
+def extend(groups: Groups, logp, ids, n_cand: int, eos: int, length_penalty: float, paper: bool):
+    """One step of every group: the best candidates finish (those ending in EOT, or all at the last
+    step) or run on as the K new beams. Returns each new beam's parent (A, K) and which groups are done."""
+    A, K, L = groups.seqs.shape
+    M = logp.size(1)
+    # The best n_cand of a group's K x V candidates are among the best n_cand of each beam's row.
+    top, j = (groups.scores.view(-1, 1) + logp).view(A, K * M).topk(min(n_cand, K * M))
+    src, tok = j // M, ids.view(A, K * M).gather(1, j)  # the beam each candidate extends, and its token
+    cand = gather_beams(groups.seqs, src)
+    cand.scatter_(2, groups.steps.view(A, 1, 1).expand(A, tok.size(1), 1), tok[..., None])
+
+    last_step = groups.steps == L - 1
+    divisor = (groups.steps + 1).float().pow(length_penalty)[:, None]
+    ends = (tok == eos) | last_step[:, None]
+    ends[:, K:] = False  # only the best K candidates may finish
+    fin = torch.cat([groups.fin_scores, torch.where(ends, top / divisor, -math.inf)], 1)
+    groups.fin_scores, pick = fin.topk(K)
+    groups.fin_seqs = gather_beams(torch.cat([groups.fin_seqs, cand], 1), pick)
+
+    running = torch.where(tok == eos, -math.inf, top)
+    keep = running.topk(K).indices
+    keep = gather_beams(keep, stay_in_place(gather_beams(src, keep)))
+    groups.scores, src, groups.last, groups.seqs = (gather_beams(x, keep) for x in (running, src, tok, cand))
+    groups.steps = groups.steps + 1
+
+    alive = groups.scores.max(1).values
+    if paper:
+        return src, last_step | (alive == -math.inf)
+    return src, last_step | (groups.fin_scores[:, -1] >= alive / divisor[:, 0])
+
+
+def follow_parents(cache: BeamCache, src, steps) -> None:
+    """Each beam's cache row becomes its parent's. A group's beams share every column but those of
+    the tokens it generated (`steps`, before this step's), so only those are copied."""
+    A, K = src.shape
+    cache.reorder((torch.arange(A, device=src.device)[:, None] * K + src).view(-1), generated=steps)
+
+
+def drop_groups(cache: BeamCache, groups: Groups, done) -> None:
+    """Groups done leave, and the last groups move into their places (`fill_holes`), in the cache
+    and in `groups`, so that only the moved groups' cache rows are copied."""
+    order = fill_holes(done)
+    K = groups.seqs.size(1)
+    groups.keep(order)
+    cache.reorder((order[:, None] * K + torch.arange(K, device=order.device)).view(-1))
+
+
 @torch.inference_mode()
-def beam_search(model, prompts: list[list[int]], beam_size: int = 10, length_penalty: float = 0.8,
-                no_repeat_ngram_size: int = 4, max_new_tokens: int = 64, eos: int = EOT,
-                beam_rule: str = "transformers", max_live: int | None = None, on_done=None) -> list[list[int]]:
+def beam_hypotheses(model, prompts: list[list[int]], beam_size: int = 10, length_penalty: float = 0.8,
+                    no_repeat_ngram_size: int = 4, max_new_tokens: int = 64, eos: int = EOT,
+                    beam_rule: str = "transformers", max_live: int | None = None,
+                    on_done=None) -> list[list[tuple[list[int], float]]]:
+    """Every prompt's finished hypotheses under beam search, best first, each (tokens without EOT,
+    score), in input order: the final beam that `beam_search` takes the first of."""
+    K = beam_size
+    if K < 1 or max_new_tokens < 1:
+        raise UserError(f"beam_size ({beam_size}) and max_new_tokens ({max_new_tokens}) must be at least 1")
+    if beam_rule not in BEAM_RULES:
+        raise UserError(f"unknown beam_rule {beam_rule!r}; choose one of {', '.join(BEAM_RULES)}")
+    check_prompts(prompts)
+    longest = max(map(len, prompts))
+    model.check_room(longest, max_new_tokens)
+    max_live = len(prompts) if max_live is None else max_live
+    if max_live < 1:
+        raise UserError(f"max_live must be at least 1, not {max_live}")
+    paper = beam_rule == "paper"
+    n_cand = K if paper else 2 * K  # candidates per prompt and step
+    # The LM head's rows past the vocabulary (padding, if any) are no tokens. With LoRA on the
+    # head, reading the weight computes its effective weight: once here, not at every step.
+    weight = model.lm_head.weight[:model.config.vocab_size]
+    results: list[list[tuple[list[int], float]]] = [[] for _ in prompts]
+    waiting = list(range(len(prompts)))[::-1]  # next prompt last
+    with eval_mode(model):
+        # Columns: the longest prompt and its continuation, and as many again, so that the
+        # columns no row uses any more are given back only every max_new_tokens steps or so.
+        cache = BeamCache(model, min(max_live, len(prompts)) * K, longest + 2 * max_new_tokens, group=K)
+        groups = Groups.empty(K, max_new_tokens, weight.device)
+        h = None  # the last hidden state of each cache row (one per group for groups just admitted)
+        while True:
+            new = [waiting.pop() for _ in range(min(len(waiting), max_live - len(groups)))]
+            if new:
+                h_new = admit(model, cache, [prompts[i] for i in new], eos)
+                h = h_new if h is None else torch.cat([h, h_new])
+                groups.add(new, eos)
+            if len(groups) == 0:
+                break
+            logp, ids = next_tokens(weight, h, groups, len(new), n_cand, no_repeat_ngram_size, paper)
+            steps = groups.steps
+            src, done = extend(groups, logp, ids, n_cand, eos, length_penalty, paper)
+            follow_parents(cache, src, steps)
+            if done.any():
+                for i, seqs, scores in zip(groups.prompt[done].tolist(), groups.fin_seqs[done].tolist(),
+                                           groups.fin_scores[done].tolist()):
+                    results[i] = [(strip_after(s, eos), v) for s, v in zip(seqs, scores) if v > -math.inf]
+                if on_done is not None:
+                    on_done(int(done.sum()))
+                drop_groups(cache, groups, done)
+            h = model.hidden_states(groups.last.view(-1, 1), cache)[:, -1] if len(groups) else None
+    return results
+
+
+def beam_search(model, prompts: list[list[int]], **kw) -> list[list[int]]:
     """The best continuation of each prompt under beam search, EOT stripped, in input order.
+
+    Keywords (beam_hypotheses): beam_size=10, length_penalty=0.8, no_repeat_ngram_size=4,
+    max_new_tokens=64, eos=EOT, beam_rule='transformers', max_live=None (all), on_done=None.
 
     Score: a finished hypothesis of n generated tokens (its EOT included) scores
     sum_logprob / n**length_penalty; one that reaches max_new_tokens without EOT is finished too.
@@ -140,119 +325,13 @@ def beam_search(model, prompts: list[list[int]], beam_size: int = 10, length_pen
     finished as it stands. A prompt is done at max_new_tokens, or when all of a step's candidates
     end in EOT: no early stop.
 
-    Batching: up to `max_live` prompts (default: all) are decoded side by side, each at its own
-    step; when one is done, its cache rows go to the next prompt in line, so that the batch
-    stays full to the end instead of running on with fewer and fewer rows (continuous batching).
-    `on_done(n)` hears of every n prompts done, for a progress bar.
+    Batching: up to `max_live` prompts are decoded side by side, each at its own step; when one
+    is done, its cache rows go to the next prompt in line, so that the batch stays full to the
+    end instead of running on with fewer and fewer rows (continuous batching). `on_done(n)` hears
+    of every n prompts done, for a progress bar.
 
     No-repeat n-gram: a beam may not repeat an n-gram of its own continuation; the prompt does
     not count (as in the paper; transformers counts it), so that an output can copy a multi-token
     name such as "Crowne Plaza Hotel" from the MR. 0 turns the rule off.
     """
-    K, lp = beam_size, length_penalty
-    if K < 1 or max_new_tokens < 1:
-        raise UserError(f"beam_size ({beam_size}) and max_new_tokens ({max_new_tokens}) must be at least 1")
-    if beam_rule not in BEAM_RULES:
-        raise UserError(f"unknown beam_rule {beam_rule!r}; choose one of {', '.join(BEAM_RULES)}")
-    paper = beam_rule == "paper"
-    check_prompts(prompts)
-    longest = max(map(len, prompts))
-    model.check_room(longest, max_new_tokens)
-    max_live = len(prompts) if max_live is None else max_live
-    if max_live < 1:
-        raise UserError(f"max_live must be at least 1, not {max_live}")
-    # with LoRA on the head: its effective weight, computed once; the rows past vocab_size are padding, no token
-    weight = model.lm_head.weight[:model.config.vocab_size]
-    device = weight.device
-    outputs: list[list[int]] = [[] for _ in prompts]
-    waiting = list(range(len(prompts)))[::-1]  # next prompt last
-    n_cand = K if paper else 2 * K  # candidates per prompt and step
-
-    def gather_beams(x, index):  # x (A, M) or (A, M, L): the beams `index` (A, J) of each group
-        return x.gather(1, index) if x.dim() == 2 else x.gather(1, index[..., None].expand(-1, -1, x.size(2)))
-
-    def grow(x, n, fill, *shape):  # x with n groups more, filled with `fill`
-        return torch.cat([x, torch.full((n, *shape), fill, dtype=x.dtype, device=device)])
-
-    with eval_mode(model):
-        # Columns: the longest prompt and its continuation, and as many again, so that the
-        # columns that no row uses any more are given back only every max_new_tokens steps or so.
-        cache = BeamCache(model, min(max_live, len(prompts)) * K, longest + 2 * max_new_tokens, group=K)
-        # Group a decodes prompt live[a] with K beams (cache rows a·K to a·K+K-1), of which
-        # steps[a] tokens are generated; finished hypotheses are kept best first.
-        live = torch.zeros(0, dtype=torch.long, device=device)
-        steps = torch.zeros_like(live)
-        beam_scores = torch.zeros(0, K, device=device)
-        fin_scores = torch.zeros(0, K, device=device)
-        seqs = torch.zeros(0, K, max_new_tokens, dtype=torch.long, device=device)
-        fin_seqs = seqs.clone()
-        h = None  # the last hidden state of every cache row
-
-        while True:
-            new = [waiting.pop() for _ in range(min(len(waiting), max_live - live.numel()))]
-            n_new = len(new)
-            if new:  # read the new prompts, and give each K rows of the cache
-                idx, pad = left_pad([prompts[i] for i in new], eos, device)
-                fresh = model.new_cache(n_new, idx.size(1), pad)
-                h_new = model.hidden_states(idx, fresh)[:, -1]
-                cache.insert(fresh, n_new)
-                h = h_new if h is None else torch.cat([h, h_new])
-                live = torch.cat([live, torch.tensor(new, device=device)])
-                steps, fin_scores = grow(steps, n_new, 0), grow(fin_scores, n_new, -math.inf, K)
-                seqs = grow(seqs, n_new, eos, K, max_new_tokens)
-                fin_seqs = grow(fin_seqs, n_new, eos, K, max_new_tokens)
-                beam_scores = grow(beam_scores, n_new, -math.inf, K)
-                beam_scores[-n_new:, 0] = 0.0
-            A = live.numel()
-            if A == 0:
-                break
-
-            # h has a row per beam of the running groups, and one per new group: a new group's
-            # K beams start alike, and its one row of candidates serves them all.
-            t_max = int(steps.max())  # tokens generated by the group furthest on
-            generated, lengths = seqs.view(A * K, max_new_tokens)[:, :t_max], steps.repeat_interleave(K)
-            old = (A - n_new) * K
-            if new:
-                first = torch.cat([torch.arange(old, device=device), torch.arange(old, A * K, K, device=device)])
-                generated, lengths = generated[first], lengths[first]
-            logp, ids = top_next_tokens(weight, h, n_cand, generated, lengths, no_repeat_ngram_size, ban_first=paper)
-            if new:
-                expand = torch.cat([torch.arange(old, device=device),
-                                    torch.arange(old, old + n_new, device=device).repeat_interleave(K)])
-                logp, ids = logp[expand], ids[expand]
-            # The best n_cand of a group's K x V candidates are among the best n_cand of each beam's row.
-            M = logp.size(1)
-            top, j = (beam_scores.view(-1, 1) + logp).view(A, K * M).topk(min(n_cand, K * M))
-            src, tok = j // M, ids.view(A, K * M).gather(1, j)  # the beam each candidate extends, and its token
-            cand = gather_beams(seqs, src)
-            cand.scatter_(2, steps.view(A, 1, 1).expand(A, tok.size(1), 1), tok[..., None])
-
-            last = steps == max_new_tokens - 1
-            divisor = (steps + 1).float().pow(lp)[:, None]
-            ends = (tok == eos) | last[:, None]
-            ends[:, K:] = False
-            fin_scores, pick = torch.cat([fin_scores, torch.where(ends, top / divisor, -math.inf)], 1).topk(K)
-            fin_seqs = gather_beams(torch.cat([fin_seqs, cand], 1), pick)
-
-            running = torch.where(tok == eos, -math.inf, top)
-            keep = running.topk(K).indices
-            keep = gather_beams(keep, stay_in_place(gather_beams(src, keep)))
-            beam_scores, src, tok, seqs = (gather_beams(x, keep) for x in (running, src, tok, cand))
-            # Only the columns of the tokens each group generated differ between its beams.
-            cache.reorder((torch.arange(A, device=device)[:, None] * K + src).view(-1), generated=steps)
-            steps = steps + 1
-
-            alive = beam_scores.max(1).values
-            done = last | (alive == -math.inf) if paper else last | (fin_scores[:, -1] >= alive / divisor[:, 0])
-            if done.any():
-                for i, best in zip(live[done].tolist(), fin_seqs[done, 0].tolist()):
-                    outputs[i] = strip_after(best, eos)
-                if on_done is not None:
-                    on_done(int(done.sum()))
-                order = fill_holes(done)
-                live, steps, beam_scores, fin_scores, seqs, fin_seqs, tok = (
-                    x[order] for x in (live, steps, beam_scores, fin_scores, seqs, fin_seqs, tok))
-                cache.reorder((order[:, None] * K + torch.arange(K, device=device)).view(-1))
-            h = model.hidden_states(tok.view(-1, 1), cache)[:, -1] if live.numel() else None
-
-    return outputs
+    return [hyps[0][0] for hyps in beam_hypotheses(model, prompts, **kw)]
