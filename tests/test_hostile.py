@@ -767,7 +767,7 @@ def test_a_live_runs_logs_are_never_set_aside(tmp_path, hold_elsewhere):
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 5.0}\n')
     cfg = PretrainConfig(out_dir=str(out), progress=False)
-    rt = Runtime(torch.device("cpu"), 0, 0, 1, None, None)
+    rt = Runtime(torch.device("cpu"), 0, 0, 1, None, None, dtype="float32", compile=False)
     hold_elsewhere(out)
     with pytest.raises(UserError, match="in use by another run"):
         RunLog(cfg, rt, 0, 10)
