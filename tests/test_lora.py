@@ -319,7 +319,7 @@ def test_concat_path_equals_unfused_in_float64(dropout, train_base):
             torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
 
 
-def test_lora_impl_setting(monkeypatch):
+def test_lora_impl_setting(monkeypatch, capsys):
     """lora_impl: what 'auto' picks on each device (the kernel on CUDA only where kernels.MEASURED_WINS says so,
     else concat; unfused on the CPU); 'triton' without a GPU warns once and computes the unfused layer."""
     import types
@@ -340,8 +340,12 @@ def test_lora_impl_setting(monkeypatch):
     model.config.lora_impl = "triton"
     inject_lora(model, LoRAConfig())
     randomize_b(model)
-    with pytest.warns(UserWarning, match="lora_impl='triton' needs a CUDA tensor"):
-        got = logits(model)
+    import model as model_module
+
+    monkeypatch.setattr(model_module, "_warned", set())  # said once per process: this test must see it said
+    capsys.readouterr()
+    got = logits(model)
+    assert "warning: lora_impl='triton' needs a CUDA tensor" in capsys.readouterr().err
     model.config.lora_impl = "unfused"
     assert torch.equal(got, logits(model))
     with pytest.raises(UserError, match="lora_impl"):
