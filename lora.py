@@ -169,15 +169,15 @@ class LoRALinear(nn.Module):
 
 def _lora_impl(impl: str, x) -> str:
     """What lora_impl means for input x. 'auto': our kernel on a GPU generation where it was measured faster
-    (kernels.wins); else on CUDA one matmul over concatenated operands, whose reduction grows by r columns only,
-    instead of the base matmul plus a rank-r product and an (N, out) sum; the plain layers elsewhere."""
+    (kernels.wins); else the plain layers. 'concat' (one matmul over concatenated operands) stays one setting
+    away until a GPU session measures it faster than the plain layers."""
     if impl == "auto":
         if not x.is_cuda:
             return "unfused"
         from kernels import wins
 
         return "triton" if wins("lora_linear" if torch.is_grad_enabled() else "lora_linear_fwd", x.device) \
-            else "concat"
+            else "unfused"
     if impl == "triton":
         from kernels import triton_available
 

@@ -41,11 +41,12 @@ class ModelOptions:
                              "faster one for the device)", choices=("auto", "triton", "sdpa"))
     lora_impl: str = setting("auto", "LoRA layers (fine-tuning): 'unfused' (the base layer, then the rank-r update), "
                              "'concat' (one matmul over [x | s·x·Aᵀ] and [W | B]), 'triton' (our kernel), 'auto' (the "
-                             "kernel where measured faster, else concat on CUDA; unfused elsewhere)",
+                             "kernel or concat where measured faster; unfused until then)",
                              choices=("auto", "unfused", "concat", "triton"))
     loss_impl: str = setting("auto", "training loss: 'chunked' (never the whole logits at once: least memory), "
-                             "'plain' (cross-entropy of the whole logits, which torch.compile fuses), 'auto' (plain "
-                             "on CUDA, chunked elsewhere)", choices=("auto", "chunked", "plain"))
+                             "'plain' (cross-entropy of the whole logits, which torch.compile fuses), 'auto' "
+                             "(chunked; plain on CUDA once a GPU session measures it faster)",
+                             choices=("auto", "chunked", "plain"))
 
 
 @dataclass
@@ -299,8 +300,8 @@ class GPT(nn.Module):
         if targets is None:
             return self.logits(x), None
         impl = self.config.loss_impl
-        if impl == "auto":
-            impl = "plain" if x.is_cuda else "chunked"
+        if impl == "auto":  # plain is unmeasured on a GPU: off by default until measured faster
+            impl = "chunked"
         x, targets = x.flatten(0, 1), targets.flatten()
         if impl == "plain":
             logits = self.logits(x)

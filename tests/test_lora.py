@@ -320,8 +320,9 @@ def test_concat_path_equals_unfused_in_float64(dropout, train_base):
 
 
 def test_lora_impl_setting(monkeypatch, capsys):
-    """lora_impl: what 'auto' picks on each device (the kernel on CUDA only where kernels.MEASURED_WINS says so,
-    else concat; unfused on the CPU); 'triton' without a GPU warns once and computes the unfused layer."""
+    """lora_impl: what 'auto' picks on each device (the kernel on CUDA only where kernels.MEASURED_WINS says
+    so, else the unfused layer until concat is measured faster); 'triton' without a GPU warns once and
+    computes the unfused layer."""
     import types
 
     import kernels
@@ -330,7 +331,7 @@ def test_lora_impl_setting(monkeypatch, capsys):
     cpu = torch.zeros(1)
     fake_cuda = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
     assert lora._lora_impl("auto", cpu) == "unfused"
-    assert lora._lora_impl("auto", fake_cuda) == "concat"
+    assert lora._lora_impl("auto", fake_cuda) == "unfused"  # concat: unmeasured on a GPU
     monkeypatch.setattr(kernels, "MEASURED_WINS", {(9, 0): {"lora_linear": "bench/results/x.md"}})
     monkeypatch.setattr(kernels, "_capability", lambda device: (9, 0))
     assert lora._lora_impl("auto", fake_cuda) == "triton"
