@@ -13,10 +13,12 @@ got wrong, added or repeated), the table (scores.md) and the scores (scores.json
 settings is written beside it under its own name, never over it. A system that does not exist
 yet is listed with the command that makes it.
 
-    python e2e_eval.py --configs config/lora_e2e_small.py --rerank_slots --max_mrs 60
+Of each MR's final beam the decoder takes the hypothesis with the fewest slot errors against its
+MR (ties: the better scored), not simply the best scored; --rerank_slots=False turns that off:
 
-takes, of each MR's final beam, the hypothesis with the fewest slot errors against its MR (ties:
-the better scored) instead of the best scored; --max_mrs decodes only the first MRs, to try fast.
+    python e2e_eval.py --configs config/lora_e2e_small.py --rerank_slots=False --max_mrs 60
+
+(--max_mrs decodes only the first MRs, to try fast).
 
 Scores are on the official scorer's scale: BLEU, METEOR and ROUGE_L are fractions (the LoRA
 paper shows them x100), NIST and CIDEr as they come. SER, the slot error rate (gpt2study/
@@ -35,7 +37,7 @@ from gpt2study.checkpoints import ADAPTER_FILE, find_checkpoint, load_train_stat
 from gpt2study.cli import load_config, resolve_device, run_main
 from gpt2study.e2e_data import ensure_prepared, load_prepared
 from gpt2study.e2e_metrics import METRICS, format_scores, read_outputs, read_test_set, score
-from gpt2study.e2e_slots import fewest_errors, slot_errors
+from gpt2study.e2e_slots import check, fewest_errors, parse_mr, slot_errors
 from gpt2study.e2e_table import markdown, write_error_report
 from gpt2study.folder_lock import hold
 from gpt2study.loading import STUDY_RUNS, load_adapter_into, load_base, resolve
@@ -97,10 +99,11 @@ def slug(name: str) -> str:
 
 def variant(cfg: EvalConfig, n_mrs: int, total: int) -> str:
     """'' for the study's table (every MR, the default decoding); else a name for the files of this one."""
-    default = DecodeConfig()
+    default = DecodeConfig().decoding()
     parts = [f"first{n_mrs}"] if n_mrs < total else []
-    parts += [f"{f.name}={getattr(cfg, f.name)}" for f in fields(DecodeConfig)
-              if f.name != "batch_size" and getattr(cfg, f.name) != getattr(default, f.name)]
+    mine = cfg.decoding()  # a setting greedy decoding does not use is left out
+    parts += [f"{f.name}={mine[f.name]}" for f in fields(DecodeConfig)
+              if f.name in mine and mine[f.name] != default.get(f.name)]
     return slug("_".join(parts))
 
 
@@ -120,7 +123,14 @@ def decode_outputs(model, test: list[dict], cfg: EvalConfig) -> list[str]:
         ids = continuations(model, prompts, method="greedy", batch_size=cfg.batch_size,
                             max_new_tokens=cfg.max_new_tokens)
         return [" ".join(decode(t).split()) for t in ids]
-    beam = {k: v for k, v in cfg.decoding().items() if k not in ("method", "rerank_slots")}
+    beam = {k: v for k, v in cfg.decoding().items() if k not in ("method", "rerank_slots", "slot_penalty")}
+    if cfg.slot_penalty:
+        slots = [parse_mr(r["mr"]) for r in test]
+
+        def finish_penalty(i: int, tokens: list[int]) -> float:
+            return cfg.slot_penalty * check(slots[i], " ".join(decode(tokens).split())).errors
+
+        beam["finish_penalty"] = finish_penalty
     if not cfg.rerank_slots:
         ids = continuations(model, prompts, batch_size=cfg.batch_size, **beam)
         return [" ".join(decode(t).split()) for t in ids]

@@ -18,7 +18,8 @@ import torch
 
 from gpt2study.checkpoints import ADAPTER_FILE, check_out_dir, refuse_contradictions, resumed_settings, run_info
 from gpt2study.cli import load_config, pick, run_main
-from gpt2study.e2e_data import ensure_prepared, load_prepared
+from gpt2study.e2e_data import ensure_prepared, load_prepared, tokenize_example
+from gpt2study.e2e_slots import check, mr_of_reference
 from gpt2study.folder_lock import hold
 from gpt2study.loading import load_base, resolve
 from gpt2study.settings import FinetuneConfig
@@ -56,14 +57,48 @@ class E2EPairs:
         return x, y
 
 
+def as_trained(record: dict, how: str) -> dict | None:
+    """A training pair as train_refs trains it, or None when it is left out. About half the crowd-written
+    references leave out, change or add a slot of their MR, and a model trained on them does the same.
+    'checked': only the pairs whose reference says exactly its MR; 'mr_of_ref': the MR made what its
+    reference says (e2e_slots.mr_of_reference)."""
+    if how == "all":
+        return record
+    if how == "checked":
+        return record if check(record["mr"], record["ref"]).errors == 0 else None
+    mr = mr_of_reference(record["mr"], record["ref"])
+    if mr is None or mr == record["mr"]:
+        return None if mr is None else record
+    return {**record, "mr": mr, "prompt": tokenize_example(mr, record["ref"])[0]}
+
+
+def training_pairs(cfg: FinetuneConfig, records: list[dict], master: bool) -> list[dict]:
+    """The pairs to train on, in the prepared order: with train_subset, the first that many (as
+    train_refs trains them) of a seeded random order."""
+    order = range(len(records))
+    if cfg.train_subset:
+        order = torch.randperm(len(records), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    chosen, looked = [], 0
+    for i in order:
+        if cfg.train_subset and len(chosen) == cfg.train_subset:
+            break
+        looked += 1
+        pair = as_trained(records[i], cfg.train_refs)
+        if pair is not None:
+            chosen.append((i, pair))
+    if cfg.train_refs != "all" and master:
+        rewritten = sum(pair is not records[i] for i, pair in chosen)
+        print(f"train_refs={cfg.train_refs}: {len(chosen):,} of {looked:,} training pairs kept"
+              + (f", {rewritten:,} with the MR their reference says" if cfg.train_refs == "mr_of_ref" else ""))
+    return [pair for _, pair in sorted(chosen)]
+
+
 def load_data(cfg: FinetuneConfig, rt) -> tuple[E2EPairs, E2EPairs]:
     data_dir = Path(cfg.data_dir)
     once_per_run(rt, lambda: ensure_prepared(data_dir))
-    train = load_prepared(data_dir, "train")
-    if cfg.train_subset:
-        g = torch.Generator().manual_seed(cfg.seed)
-        keep = sorted(torch.randperm(len(train), generator=g)[:cfg.train_subset].tolist())
-        train = [train[i] for i in keep]
+    train = training_pairs(cfg, load_prepared(data_dir, "train"), rt.master)
+    if not train:
+        raise UserError(f"no training pair of {data_dir} passes the slot check; use --train_refs=all")
     return E2EPairs(train, cfg.max_seq_len), E2EPairs(load_prepared(data_dir, "dev"), cfg.max_seq_len)
 
 

@@ -295,7 +295,8 @@ class LoRA(TrainingStep):
     def more(self, info, ckpt, train_recs, batch) -> dict:
         train = info["train"]
         return {"base": info["base"], "lora": info["lora"], "pairs_seen": info["step"] * batch,
-                "train_subset": train.get("train_subset", 0), "label_smoothing": train["label_smoothing"]}
+                "train_subset": train.get("train_subset", 0), "train_refs": train.get("train_refs", "all"),
+                "label_smoothing": train["label_smoothing"]}
 
     def adapter(self) -> Path:
         return (find_checkpoint(self.out) / ADAPTER_FILE).resolve()
@@ -304,6 +305,8 @@ class LoRA(TrainingStep):
         s = self.summary()
         lora = s["lora"]
         subset = f" of a {s['train_subset']:,}-pair subset" if s["train_subset"] else ""
+        if s["train_refs"] == "checked":
+            subset += " of the pairs whose reference passes the slot check"
         epochs = f", {s['epochs']:.2f} epochs{subset}" if s["epochs"] is not None else ""
         return (f"LoRA r={lora['lora_r']}, alpha {lora['lora_alpha']:g} on {', '.join(lora['lora_targets'])} of "
                 f"`{display(s['base'])}`: {s['steps']:,} steps of {s['global_batch']} pairs "

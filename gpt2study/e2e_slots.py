@@ -260,6 +260,22 @@ def slot_errors(mrs: list, outputs: list[str]) -> tuple[dict, list[SlotCheck]]:
             "without_error": sum(c.errors == 0 for c in checks) / max(len(checks), 1)}, checks
 
 
+def mr_of_reference(mr: str, reference: str) -> str | None:
+    """The MR that a training reference says: the MR without the slots the reference leaves out, with
+    eatType[restaurant] when it calls a place without an eatType a restaurant (most such references
+    do); None when it says a slot with another value, adds any other slot or repeats one, or says
+    none of the MR's slots."""
+    slots = parse_mr(mr)
+    result = check(slots, reference)
+    if result.wrong or result.repeated or any(a != "eatType=restaurant" for a in result.added):
+        return None
+    missing = {m.split("=", 1)[0] for m in result.missing}
+    said = {k: v for k, v in slots.items() if k not in missing}
+    if result.added:
+        said["eatType"] = "restaurant"
+    return ", ".join(f"{k}[{said[k]}]" for k in SLOTS if k in said) or None
+
+
 def fewest_errors(mr: str | dict, candidates: list[str]) -> int:
     """The index of the candidate output with the fewest slot errors against the MR; of equals, the
     first (candidates come best scored first, so ties go to the better score)."""

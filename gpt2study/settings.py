@@ -75,6 +75,11 @@ class FinetuneConfig(TrainConfig, LoRAConfig, ModelOptions):
     init_from: str = setting("latest", "the base: 'latest' (the study's newest pretraining run), a run folder, a "
                              "model file, a Hugging Face folder or hub name (gpt2-medium), or 'resume'")
     data_dir: str = setting(str(E2E_DATA), "from data/e2e/prepare.py")
+    train_refs: str = setting("all", "'all' the training pairs as released; 'checked': only those whose reference "
+                              "says exactly what its MR says (the slot checker, e2e_slots.py, finds no error); "
+                              "'mr_of_ref': each MR made what its reference says (the slots it leaves out dropped), "
+                              "pairs with a wrong, added or repeated slot left out", choices=("all", "checked",
+                                                                                             "mr_of_ref"))
     train_subset: int = setting(0, "> 0: train on this many training pairs (a seeded random choice)", at_least=0)
     max_seq_len: int = setting(512, "longest prompt + reference, in tokens (longer pairs are cut)", at_least=2)
 
@@ -105,18 +110,18 @@ class DecodeConfig:
     max_new_tokens: int = setting(64, "longest output, in tokens", at_least=1)
     beam_rule: str = setting("transformers", "'transformers' (generate()'s rule) or 'paper' (the LoRA paper's "
                              "decoder); see decoding/beam.py", choices=BEAM_RULES)
-    rerank_slots: bool = setting(False, "of the final beam, take the hypothesis with the fewest slot errors against "
-                                 "its MR (ties: the better beam score) instead of the best scored")
+    rerank_slots: bool = setting(True, "beam search: of the final beam, take the hypothesis with the fewest slot "
+                                 "errors against its MR (ties: the better beam score) instead of the best scored")
+    slot_penalty: float = setting(1.0, "beam search: a hypothesis loses this much of its score per slot error "
+                                  "against its MR as it finishes, so the search goes on for one that says the MR "
+                                  "(0: off)", at_least=0.0)
     batch_size: int | None = setting(None, "MRs decoded side by side (None: by device)", at_least=1)
-
-    def check(self):
-        if self.rerank_slots and self.method != "beam":
-            raise UserError("rerank_slots chooses among the final beam: it needs method='beam'")
 
     def decoding(self) -> dict:
         """The settings that decide the outputs, as scores.json records them."""
         keys = ("method",) if self.method == "greedy" else (
-            "method", "beam_size", "length_penalty", "no_repeat_ngram_size", "beam_rule", "rerank_slots")
+            "method", "beam_size", "length_penalty", "no_repeat_ngram_size", "beam_rule", "rerank_slots",
+            "slot_penalty")
         return {k: getattr(self, k) for k in (*keys, "max_new_tokens")}
 
 
@@ -133,7 +138,6 @@ class EvalConfig(DecodeConfig):
     json: bool = setting(False, "with outputs: print one JSON object")
 
     def check(self):
-        super().check()
         if self.refs and not self.outputs:
             raise UserError("refs goes with outputs: --outputs FILE --refs testset_w_refs.csv")
 

@@ -85,9 +85,10 @@ def reference_paper_beam_search(model, prompt, beam_size, length_penalty, ngram,
     return best[1][:-1] if best[1][-1] == eos else best[1]
 
 
-def reference_beam_search(model, prompt, beam_size, length_penalty, ngram, max_new_tokens, eos):
+def reference_beam_search(model, prompt, beam_size, length_penalty, ngram, max_new_tokens, eos, penalty=None):
     """The rules of beam_search (beam_rule='transformers'), written plainly for one prompt: Python
-    lists, an uncached forward pass per beam, no batching, no padding."""
+    lists, an uncached forward pass per beam, no batching, no padding; penalty(tokens without EOT)
+    is taken off a hypothesis' score as it finishes."""
     K = beam_size
     beams, finished = [(0.0, [])], []  # (sum_logprob, tokens), (score, tokens)
     for t in range(max_new_tokens):
@@ -100,7 +101,8 @@ def reference_beam_search(model, prompt, beam_size, length_penalty, ngram, max_n
         candidates = sorted(candidates, key=lambda c: -c[0])[:2 * K]
         for total, seq in candidates[:K]:
             if seq[-1] == eos or t == max_new_tokens - 1:
-                finished.append((total / (t + 1) ** length_penalty, seq))
+                cost = penalty(seq[:-1] if seq[-1] == eos else seq) if penalty else 0.0
+                finished.append((total / (t + 1) ** length_penalty - cost, seq))
         finished = sorted(finished, key=lambda f: -f[0])[:K]
         beams = [c for c in candidates if c[1][-1] != eos][:K]
         worst = finished[-1][0] if len(finished) == K else -math.inf
@@ -119,6 +121,27 @@ def test_beam_search_follows_the_reference(vocab, seed, eos, length_penalty, ngr
     prompts = random_prompts([3, 11, 1, 6, 8, 2], vocab, eos, seed=5)
     kw = dict(beam_size=3, length_penalty=length_penalty, no_repeat_ngram_size=ngram, max_new_tokens=20, eos=eos)
     assert beam_search(model, prompts, **kw) == [reference_beam_search(model, p, *kw.values()) for p in prompts]
+
+
+@pytest.mark.parametrize(("vocab", "seed", "eos", "cost"), [(12, 0, 0, 1.0), (20, 1, 5, 0.3), (20, 2, 5, 50.0)])
+def test_a_finish_penalty_steers_the_search_as_its_reference_does(vocab, seed, eos, cost):
+    """Each prompt wants its own token in the output (as an MR wants its slots): a hypothesis without
+    it loses `cost` as it finishes, and the search goes on for one with it."""
+    model = tiny_model(vocab, seed=seed)
+    prompts = random_prompts([3, 11, 1, 6, 8, 2], vocab, eos, seed=5)
+    wanted = [(eos + 1 + i) % vocab for i in range(len(prompts))]
+    kw = dict(beam_size=3, length_penalty=0.8, no_repeat_ngram_size=2, max_new_tokens=20, eos=eos)
+
+    def penalty(i, tokens):
+        return 0.0 if wanted[i] in tokens else cost
+
+    want = [reference_beam_search(model, p, *kw.values(), penalty=lambda t, i=i: penalty(i, t))
+            for i, p in enumerate(prompts)]
+    assert beam_search(model, prompts, finish_penalty=penalty, **kw) == want
+    # continuations decode the longest prompt first; the penalty still hears of prompts in input order
+    assert continuations(model, prompts, finish_penalty=penalty, progress=False, **kw) == want
+    plain = beam_search(model, prompts, **kw)
+    assert sum(w in o for w, o in zip(wanted, want)) > sum(w in o for w, o in zip(wanted, plain))
 
 
 @pytest.mark.parametrize(("vocab", "seed", "eos", "length_penalty", "ngram", "chunk"),

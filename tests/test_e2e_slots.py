@@ -6,7 +6,7 @@ import json
 import pytest
 from conftest import shared_path
 
-from gpt2study.e2e_slots import check, fewest_errors, mentions, parse_mr, slot_errors
+from gpt2study.e2e_slots import check, fewest_errors, mentions, mr_of_reference, parse_mr, slot_errors
 
 MILL = "name[The Mill], eatType[pub], food[Italian], priceRange[high], customer rating[5 out of 5], " \
        "area[city centre], familyFriendly[no], near[Café Sicilia]"
@@ -153,6 +153,20 @@ def test_fewest_errors_prefers_the_better_score_among_equals():
     mr = "name[Zizzi], eatType[pub], near[Burger King]"
     assert fewest_errors(mr, ["Zizzi is a pub.", "Zizzi is a pub near Burger King.", "Zizzi is near Burger King."]) == 1
     assert fewest_errors(mr, ["Zizzi is a pub.", "Zizzi is near Burger King."]) == 0
+
+
+def test_the_mr_a_training_reference_says():
+    mr = "name[The Mill], eatType[pub], food[French], priceRange[cheap], area[riverside]"
+    assert mr_of_reference(mr, "The Mill is a cheap French pub in the riverside area.") == mr
+    # the slots it leaves out leave the MR, in the MR's own order
+    assert mr_of_reference(mr, "The Mill is a pub by the river.") == "name[The Mill], eatType[pub], area[riverside]"
+    # "restaurant" for a place without an eatType is said so in the MR
+    assert mr_of_reference("food[Italian], name[Zizzi]", "Zizzi is an Italian restaurant.") == (
+        "name[Zizzi], eatType[restaurant], food[Italian]")
+    assert mr_of_reference(mr, "The Mill is a cheap French pub in the city centre.") is None  # wrong
+    assert mr_of_reference(mr, "The Mill is a cheap French pub by the river, near Avalon.") is None  # added
+    assert mr_of_reference(mr, "The Mill is a cheap French pub by the river. It is cheap.") is None  # repeated
+    assert mr_of_reference("name[Zizzi]", "A nice place.") is None  # nothing of the MR said
 
 
 def test_agrees_with_the_cleaning_papers_counts_on_tgen():

@@ -621,6 +621,8 @@ def test_a_partial_or_other_decoding_table_never_takes_the_study_tables_name():
     assert variant(EvalConfig(method="greedy"), 630, 630) == "method_greedy"
     assert variant(EvalConfig(beam_rule="paper", beam_size=4), 630, 630) == "beam_size_4_beam_rule_paper"
     assert variant(EvalConfig(batch_size=7), 630, 630) == ""  # batching does not change the outputs
+    assert variant(EvalConfig(rerank_slots=False), 630, 630) == "rerank_slots_false"
+    assert variant(EvalConfig(method="greedy", rerank_slots=False), 630, 630) == "method_greedy"  # beam only
 
 
 # ----------------------------------------------------------------------------- one owner per folder

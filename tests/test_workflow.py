@@ -7,7 +7,7 @@ import pytest
 from conftest import REPO, assert_one_line_error, run_cli, run_entry, tiny_train_args, write_prepared_e2e
 
 from finetune import E2EPairs
-from gpt2study.e2e_data import tokenize_example
+from gpt2study.e2e_data import load_prepared, tokenize_example
 from gpt2study.e2e_table import read_error_report
 from gpt2study.tokenizer import EOT, encode
 from kernels.linear_cross_entropy import IGNORE_INDEX
@@ -166,6 +166,38 @@ def test_finetune_errors(base_run, e2e_data, tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_finetune_can_train_on_the_references_that_say_what_their_mr_says(base_run, tmp_path, monkeypatch, capsys):
+    import finetune
+
+    unfaithful = [("name[The Eagle], eatType[pub], food[French]", "The Eagle is a pub."),  # food missing
+                  ("name[Blue Spice], area[riverside]", "Blue Spice is a cheap pub in the riverside area."),  # added
+                  ("name[Clowns], eatType[pub], area[riverside]", "Clowns is a pub in the city centre.")]  # wrong
+    (tmp_path / "e2e").mkdir(), (tmp_path / "bad").mkdir()
+    data = write_prepared_e2e(tmp_path / "e2e", [*PAIRS, *unfaithful], 2)
+    r = run_entry(finetune, finetune_args(base_run, data, tmp_path / "o", max_iters=1, train_refs="checked"),
+                  monkeypatch, capsys)
+    assert r.returncode == 0, r.stderr
+    assert "train_refs=checked: 8 of 14 training pairs kept" in r.stdout
+    assert "; 8 training pairs;" in r.stdout
+    # the first of them says its MR without the food: that MR becomes its prompt; the others are left out
+    r = run_entry(finetune, finetune_args(base_run, data, tmp_path / "o3", max_iters=1, train_refs="mr_of_ref"),
+                  monkeypatch, capsys)
+    assert r.returncode == 0, r.stderr
+    assert "train_refs=mr_of_ref: 10 of 14 training pairs kept, 2 with the MR their reference says" in r.stdout
+    fitted = [p for p in (finetune.as_trained(r, "mr_of_ref") for r in load_prepared(data, "train")) if p]
+    without_food = ("name[The Eagle], eatType[pub]", "The Eagle is a pub.")
+    assert [(p["mr"], p["ref"]) for p in fitted] == [*PAIRS, without_food] * 2
+    assert all(p["prompt"] == tokenize_example(p["mr"], p["ref"])[0] for p in fitted)
+    # a subset counts the pairs kept: the first 5 that pass of a seeded random order
+    r = run_entry(finetune, finetune_args(base_run, data, tmp_path / "o4", max_iters=1, train_refs="checked",
+                                          train_subset=5), monkeypatch, capsys)
+    assert "train_refs=checked: 5 of" in r.stdout and "; 5 training pairs;" in r.stdout
+    only_bad = write_prepared_e2e(tmp_path / "bad", unfaithful, 2)
+    r = run_entry(finetune, finetune_args(base_run, only_bad, tmp_path / "o2", train_refs="checked"), monkeypatch,
+                  capsys)
+    assert_one_line_error(r, "no training pair", "--train_refs=all")
+
+
 # ----------------------------------------------------------------------------- e2e_eval.py
 
 
@@ -202,22 +234,23 @@ def test_e2e_eval_table(base_run, e2e_data, tmp_path, monkeypatch, capsys):
     assert len(outputs) == len(PAIRS) and all(outputs)
     assert "python finetune.py" in r.stdout  # the missing adapter is listed with its command there too
     # slot errors beside the five metrics, and an error report beside each system's outputs
-    assert "| SER |" in table and record["decoding"]["rerank_slots"] is False
+    assert "| SER |" in table and record["decoding"]["rerank_slots"] is True and record["decoding"]["slot_penalty"] == 1
     report = read_error_report(out / f"gpt_2_{base_run.name}.{tag}.errors.tsv")
     assert [(row["mr"], row["output"]) for row in report] == [(mr, o) for (mr, _), o in zip(PAIRS, outputs)]
     base = scores[names[0]]
     assert base["SER"] == pytest.approx(sum(int(row["errors"]) for row in report) / 10)
     assert base["slot_errors"]["slots"] == 10 and base["errors"].endswith(".errors.tsv")
 
-    # the decoder that checks itself: of each final beam, the hypothesis with the fewest slot errors
+    # the decoder checks itself: of each final beam, the hypothesis with the fewest slot errors; without that,
+    # the best scored, which never has fewer
     r = run_cli("e2e_eval.py", f"--configs={config}", "--data_dir", e2e_data, "--out_dir", out, "--beam_size", 2,
-                "--max_new_tokens", 6, "--rerank_slots", "--max_mrs", 2, env={"E2E_METRICS_NO_JAVA": "1"})
+                "--max_new_tokens", 6, "--rerank_slots=False", "--max_mrs", 2, env={"E2E_METRICS_NO_JAVA": "1"})
     assert r.returncode == 0, r.stderr
-    rerank = f"first2_{tag}_rerank_slots_true"
-    assert json.loads((out / f"scores.{rerank}.json").read_text())["decoding"]["rerank_slots"] is True
-    checked = read_error_report(out / f"gpt_2_{base_run.name}.{rerank}.errors.tsv")
-    assert len(checked) == 2
-    assert all(int(a["errors"]) <= int(b["errors"]) for a, b in zip(checked, report))
+    plain = f"first2_{tag}_rerank_slots_false"
+    assert json.loads((out / f"scores.{plain}.json").read_text())["decoding"]["rerank_slots"] is False
+    best_scored = read_error_report(out / f"gpt_2_{base_run.name}.{plain}.errors.tsv")
+    assert len(best_scored) == 2
+    assert all(int(a["errors"]) <= int(b["errors"]) for a, b in zip(report, best_scored))
 
 
 def test_e2e_eval_scores_a_file(tmp_path):

@@ -66,6 +66,9 @@ def continuations(model, prompts: list[list[int]], method: str = "beam", batch_s
     check_prompts(prompts)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     ordered = [prompts[i] for i in order]
+    if kw.get("finish_penalty") is not None:  # it speaks of prompts in input order
+        penalty = kw["finish_penalty"]
+        kw["finish_penalty"] = lambda i, tokens: penalty(order[i], tokens)
     outputs: list = [[] for _ in prompts]
     with tqdm(total=len(prompts), desc=f"{method} decoding", unit="prompt", disable=not progress) as bar:
         if method == "beam":

@@ -198,9 +198,25 @@ def next_tokens(weight, h, groups: Groups, n_new: int, n_cand: int, no_repeat_ng
     return (logp[expand], ids[expand]) if n_new else (logp, ids)
 
 
-def extend(groups: Groups, logp, ids, n_cand: int, eos: int, length_penalty: float, paper: bool):
+def penalties(finish_penalty, groups: Groups, cand, ends, eos: int):
+    """What finish_penalty(prompt index, tokens without EOT) takes off each finishing candidate's
+    score (A, n_cand); 0 for the others."""
+    out = torch.zeros(ends.shape, device=ends.device)
+    where = ends.nonzero()
+    if len(where):
+        a, k = where.unbind(1)
+        n = (groups.steps[a] + 1).tolist()
+        seqs = cand[a, k].tolist()
+        out[a, k] = torch.tensor([finish_penalty(p, strip_after(s[:m], eos))
+                                  for p, s, m in zip(groups.prompt[a].tolist(), seqs, n)], device=ends.device)
+    return out
+
+
+def extend(groups: Groups, logp, ids, n_cand: int, eos: int, length_penalty: float, paper: bool,
+           finish_penalty=None):
     """One step of every group: the best candidates finish (those ending in EOT, or all at the last
-    step) or run on as the K new beams. Returns each new beam's parent (A, K) and which groups are done."""
+    step; minus finish_penalty, if given) or run on as the K new beams. Returns each new beam's parent
+    (A, K) and which groups are done."""
     A, K, L = groups.seqs.shape
     M = logp.size(1)
     # The best n_cand of a group's K x V candidates are among the best n_cand of each beam's row.
@@ -213,7 +229,10 @@ def extend(groups: Groups, logp, ids, n_cand: int, eos: int, length_penalty: flo
     divisor = (groups.steps + 1).float().pow(length_penalty)[:, None]
     ends = (tok == eos) | last_step[:, None]
     ends[:, K:] = False  # only the best K candidates may finish
-    fin = torch.cat([groups.fin_scores, torch.where(ends, top / divisor, -math.inf)], 1)
+    finished = torch.where(ends, top / divisor, -math.inf)
+    if finish_penalty is not None:
+        finished = finished - penalties(finish_penalty, groups, cand, ends, eos)
+    fin = torch.cat([groups.fin_scores, finished], 1)
     groups.fin_scores, pick = fin.topk(K)
     groups.fin_seqs = gather_beams(torch.cat([groups.fin_seqs, cand], 1), pick)
 
@@ -249,7 +268,7 @@ def drop_groups(cache: BeamCache, groups: Groups, done) -> None:
 def beam_hypotheses(model, prompts: list[list[int]], beam_size: int = 10, length_penalty: float = 0.8,
                     no_repeat_ngram_size: int = 4, max_new_tokens: int = 64, eos: int = EOT,
                     beam_rule: str = "transformers", max_live: int | None = None,
-                    on_done=None) -> list[list[tuple[list[int], float]]]:
+                    on_done=None, finish_penalty=None) -> list[list[tuple[list[int], float]]]:
     """Every prompt's finished hypotheses under beam search, best first, each (tokens without EOT,
     score), in input order: the final beam that `beam_search` takes the first of."""
     K = beam_size
@@ -286,7 +305,7 @@ def beam_hypotheses(model, prompts: list[list[int]], beam_size: int = 10, length
                 break
             logp, ids = next_tokens(weight, h, groups, len(new), n_cand, no_repeat_ngram_size, paper)
             steps = groups.steps
-            src, done = extend(groups, logp, ids, n_cand, eos, length_penalty, paper)
+            src, done = extend(groups, logp, ids, n_cand, eos, length_penalty, paper, finish_penalty)
             follow_parents(cache, src, steps)
             if done.any():
                 for i, seqs, scores in zip(groups.prompt[done].tolist(), groups.fin_seqs[done].tolist(),
@@ -303,7 +322,8 @@ def beam_search(model, prompts: list[list[int]], **kw) -> list[list[int]]:
     """The best continuation of each prompt under beam search, EOT stripped, in input order.
 
     Keywords (beam_hypotheses): beam_size=10, length_penalty=0.8, no_repeat_ngram_size=4,
-    max_new_tokens=64, eos=EOT, beam_rule='transformers', max_live=None (all), on_done=None.
+    max_new_tokens=64, eos=EOT, beam_rule='transformers', max_live=None (all), on_done=None,
+    finish_penalty=None.
 
     Score: a finished hypothesis of n generated tokens (its EOT included) scores
     sum_logprob / n**length_penalty; one that reaches max_new_tokens without EOT is finished too.
@@ -329,6 +349,11 @@ def beam_search(model, prompts: list[list[int]], **kw) -> list[list[int]]:
     is done, its cache rows go to the next prompt in line, so that the batch stays full to the
     end instead of running on with fewer and fewer rows (continuous batching). `on_done(n)` hears
     of every n prompts done, for a progress bar.
+
+    finish_penalty(prompt index, tokens) is subtracted from the score of each hypothesis as it
+    finishes (E2E: a price per slot error against the prompt's MR). The beam then keeps looking
+    while a running beam could still beat the penalised hypotheses: the search itself goes on
+    for an output that says the MR, which a choice among the final beam cannot do.
 
     No-repeat n-gram: a beam may not repeat an n-gram of its own continuation; the prompt does
     not count (as in the paper; transformers counts it), so that an output can copy a multi-token
