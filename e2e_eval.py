@@ -13,10 +13,12 @@ got wrong, added or repeated), the table (scores.md) and the scores (scores.json
 settings is written beside it under its own name, never over it. A system that does not exist
 yet is listed with the command that makes it.
 
-Of each MR's final beam the decoder takes the hypothesis with the fewest slot errors against its
-MR (ties: the better scored), not simply the best scored; --rerank_slots=False turns that off:
+The decoder checks what it says (gpt2study/e2e_slots.py): a hypothesis loses --slot_penalty (1.0)
+of its score per slot error against its MR as it finishes, so the search goes on for one that says
+the MR, and of the final beam the one with the fewest slot errors is taken (--rerank_slots; ties:
+the better scored). Without both, the best scored hypothesis, as generate() gives it:
 
-    python e2e_eval.py --configs config/lora_e2e_small.py --rerank_slots=False --max_mrs 60
+    python e2e_eval.py --configs config/lora_e2e_small.py --slot_penalty=0 --rerank_slots=False --max_mrs 60
 
 (--max_mrs decodes only the first MRs, to try fast).
 

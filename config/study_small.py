@@ -1,9 +1,9 @@
-# Every step of config/study.py, sized for a CPU: about 40 minutes on 2 cores. What `python study.py`
+# Every step of config/study.py, sized for a CPU: 40 to 80 minutes on 2 cores. What `python study.py`
 # runs on a machine without a GPU. It downloads what it needs: WikiText-2 (a 4.7 MB zip) and the E2E
 # release (1.5 MB), both checked by sha256. The small GPT-2 (4 layers, 4 heads, 128 dims, context 256)
 # pretrained on WikiText-2; run 2 a short continuation of run 1; LoRA on it with
-# config/lora_e2e_small.py on the 20,302 E2E training pairs whose reference says what its MR says;
-# GPT-2 medium off (its LoRA run would take days on a CPU), listed with its command.
+# config/lora_e2e_small.py, one epoch of the 42,061 E2E training pairs; GPT-2 medium off (its LoRA
+# run would take days on a CPU), listed with its command.
 #   python study.py config/study_small.py
 #   python study.py config/study_small.py --wikitext_src=wikitext-2-raw-v1.zip --e2e_src=e2e-dataset.zip  # offline
 #   python study.py config/study_small.py --corpus='books/*.txt'      # text of your own instead of WikiText-2

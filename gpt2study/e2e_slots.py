@@ -261,19 +261,15 @@ def slot_errors(mrs: list, outputs: list[str]) -> tuple[dict, list[SlotCheck]]:
 
 
 def mr_of_reference(mr: str, reference: str) -> str | None:
-    """The MR that a training reference says: the MR without the slots the reference leaves out, with
-    eatType[restaurant] when it calls a place without an eatType a restaurant (most such references
-    do); None when it says a slot with another value, adds any other slot or repeats one, or says
-    none of the MR's slots."""
+    """The MR that a training reference says: the MR without the slots the reference leaves out; None
+    when the reference says a slot with another value, adds or repeats one, or says none of the MR's."""
     slots = parse_mr(mr)
     result = check(slots, reference)
-    if result.wrong or result.repeated or any(a != "eatType=restaurant" for a in result.added):
+    if result.wrong or result.added or result.repeated:
         return None
     missing = {m.split("=", 1)[0] for m in result.missing}
-    said = {k: v for k, v in slots.items() if k not in missing}
-    if result.added:
-        said["eatType"] = "restaurant"
-    return ", ".join(f"{k}[{said[k]}]" for k in SLOTS if k in said) or None
+    return ", ".join(f"{k}[{v}]" for k, v in sorted(slots.items(), key=lambda kv: SLOTS.index(kv[0]))
+                     if k not in missing) or None
 
 
 def fewest_errors(mr: str | dict, candidates: list[str]) -> int:

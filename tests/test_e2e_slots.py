@@ -160,9 +160,10 @@ def test_the_mr_a_training_reference_says():
     assert mr_of_reference(mr, "The Mill is a cheap French pub in the riverside area.") == mr
     # the slots it leaves out leave the MR, in the MR's own order
     assert mr_of_reference(mr, "The Mill is a pub by the river.") == "name[The Mill], eatType[pub], area[riverside]"
-    # "restaurant" for a place without an eatType is said so in the MR
-    assert mr_of_reference("food[Italian], name[Zizzi]", "Zizzi is an Italian restaurant.") == (
-        "name[Zizzi], eatType[restaurant], food[Italian]")
+    assert mr_of_reference("food[Italian], name[Zizzi]", "Zizzi serves Italian food.") == "name[Zizzi], food[Italian]"
+    # "restaurant" for a place without an eatType is an added slot: taught as an eatType, it made a small
+    # model call pubs restaurants
+    assert mr_of_reference("name[Zizzi], food[Italian]", "Zizzi is an Italian restaurant.") is None
     assert mr_of_reference(mr, "The Mill is a cheap French pub in the city centre.") is None  # wrong
     assert mr_of_reference(mr, "The Mill is a cheap French pub by the river, near Avalon.") is None  # added
     assert mr_of_reference(mr, "The Mill is a cheap French pub by the river. It is cheap.") is None  # repeated
