@@ -116,6 +116,11 @@ def score_with_slots(mrs: list[str], outputs: list[str], refs: list[list[str]]) 
     return {**scores, "SER": ser.pop("SER"), "slot_errors": ser}, checks
 
 
+def output_line(tokens: list[int]) -> str:
+    """An output as its file holds it: one line, single spaces."""
+    return " ".join(decode(tokens).split())
+
+
 def decode_outputs(model, test: list[dict], cfg: EvalConfig) -> list[str]:
     """One output line per test MR, as cfg's decoding gives it."""
     from gpt2study.decoding import continuations
@@ -124,23 +129,18 @@ def decode_outputs(model, test: list[dict], cfg: EvalConfig) -> list[str]:
     if cfg.method == "greedy":
         ids = continuations(model, prompts, method="greedy", batch_size=cfg.batch_size,
                             max_new_tokens=cfg.max_new_tokens)
-        return [" ".join(decode(t).split()) for t in ids]
+        return [output_line(t) for t in ids]
     beam = {k: v for k, v in cfg.decoding().items() if k not in ("method", "rerank_slots", "slot_penalty")}
+    slots = [parse_mr(r["mr"]) for r in test]
     if cfg.slot_penalty:
-        slots = [parse_mr(r["mr"]) for r in test]
-
-        def finish_penalty(i: int, tokens: list[int]) -> float:
-            return cfg.slot_penalty * check(slots[i], " ".join(decode(tokens).split())).errors
-
-        beam["finish_penalty"] = finish_penalty
+        beam["finish_penalty"] = lambda i, tokens: cfg.slot_penalty * check(slots[i], output_line(tokens)).errors
     if not cfg.rerank_slots:
-        ids = continuations(model, prompts, batch_size=cfg.batch_size, **beam)
-        return [" ".join(decode(t).split()) for t in ids]
+        return [output_line(t) for t in continuations(model, prompts, batch_size=cfg.batch_size, **beam)]
     beams = continuations(model, prompts, batch_size=cfg.batch_size, all_hypotheses=True, **beam)
     outputs = []
-    for row, hyps in zip(test, beams):
-        texts = [" ".join(decode(t).split()) for t, _ in hyps]
-        outputs.append(texts[fewest_errors(row["mr"], texts)])
+    for mr, hyps in zip(slots, beams):
+        texts = [output_line(t) for t, _ in hyps]
+        outputs.append(texts[fewest_errors(mr, texts)])
     return outputs
 
 

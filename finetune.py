@@ -67,9 +67,9 @@ def as_trained(record: dict, how: str) -> dict | None:
     if how == "checked":
         return record if check(record["mr"], record["ref"]).errors == 0 else None
     mr = mr_of_reference(record["mr"], record["ref"])
-    if mr is None or mr == record["mr"]:
-        return None if mr is None else record
-    return {**record, "mr": mr, "prompt": tokenize_example(mr, record["ref"])[0]}
+    if mr is None:
+        return None
+    return record if mr == record["mr"] else {**record, "mr": mr, "prompt": tokenize_example(mr, record["ref"])[0]}
 
 
 def training_pairs(cfg: FinetuneConfig, records: list[dict], master: bool) -> list[dict]:

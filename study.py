@@ -305,8 +305,8 @@ class LoRA(TrainingStep):
         s = self.summary()
         lora = s["lora"]
         subset = f" of a {s['train_subset']:,}-pair subset" if s["train_subset"] else ""
-        if s["train_refs"] == "checked":
-            subset += " of the pairs whose reference passes the slot check"
+        if s["train_refs"] != "all":
+            subset += f" of the pairs train_refs={s['train_refs']} keeps"
         epochs = f", {s['epochs']:.2f} epochs{subset}" if s["epochs"] is not None else ""
         return (f"LoRA r={lora['lora_r']}, alpha {lora['lora_alpha']:g} on {', '.join(lora['lora_targets'])} of "
                 f"`{display(s['base'])}`: {s['steps']:,} steps of {s['global_batch']} pairs "
