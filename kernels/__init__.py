@@ -154,4 +154,10 @@ def __getattr__(name):
         from . import attention
 
         return getattr(attention, name)
+    if name[:1].isupper() or name in ("get_kernel", "kernelize", "use_kernelized_func"):
+        # Hugging Face's `kernels` package (which transformers >= 5.25 imports) has our name; Python found ours
+        # first because it runs from this repository's folder.
+        raise ImportError(f"cannot import {name!r} from {__file__}: this repository's kernels/ folder hides Hugging "
+                          "Face's `kernels` package, which transformers >= 5.25 needs; run transformers code from "
+                          "another folder, or use transformers < 5.25 (requirements-dev.txt pins it)")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -95,3 +95,16 @@ def test_no_sys_path_edits():
     edits = [str(p.relative_to(REPO)) for p in REPO.rglob("*.py")
              if not skip & set(p.relative_to(REPO).parts) and "sys.path" in p.read_text()]
     assert not edits
+
+
+def test_a_hidden_hugging_face_kernels_package_is_named():
+    """transformers >= 5.25 imports Hugging Face's `kernels` package, which our kernels/ folder hides when Python
+    runs from this repository: what it asks for gets a message saying so, not a bare 'cannot import name'."""
+    with pytest.raises(ImportError, match=r"hides Hugging Face's `kernels` package.*transformers"):
+        from kernels import CUDAProperties  # noqa: F401
+    with pytest.raises(ImportError, match="another folder"):
+        from kernels import kernelize  # noqa: F401
+    import kernels
+
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        kernels.nothing_here  # noqa: B018
