@@ -623,6 +623,7 @@ def test_a_partial_or_other_decoding_table_never_takes_the_study_tables_name():
     assert variant(EvalConfig(batch_size=7), 630, 630) == ""  # batching does not change the outputs
     assert variant(EvalConfig(rerank_slots=False), 630, 630) == "rerank_slots_false"
     assert variant(EvalConfig(method="greedy", rerank_slots=False), 630, 630) == "method_greedy"  # beam only
+    assert variant(EvalConfig(widen_beam=20), 630, 630) == "widen_beam_20"
 
 
 # ----------------------------------------------------------------------------- one owner per folder

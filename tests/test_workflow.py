@@ -253,6 +253,37 @@ def test_e2e_eval_table(base_run, e2e_data, tmp_path, monkeypatch, capsys):
     assert all(int(a["errors"]) <= int(b["errors"]) for a, b in zip(report, best_scored))
 
 
+def test_a_wider_search_retries_near_misses_and_keeps_what_says_more(monkeypatch):
+    import e2e_eval
+    from gpt2study.settings import EvalConfig
+
+    said = "name[Aromi], eatType[pub], area[riverside]"
+    near_miss = "name[Aromi], eatType[pub], area[city centre], familyFriendly[yes]"
+    no_better = "name[Wildwood], eatType[pub], area[riverside]"
+    lost = "name[Zizzi], eatType[pub], food[Chinese], area[riverside], familyFriendly[no]"
+    first = {said: "Aromi is a pub in the riverside area.",
+             near_miss: "Aromi is a pub in the city centre.",  # familyFriendly missing: one error
+             no_better: "Wildwood is a pub.",  # area missing
+             lost: "Zizzi is a pub."}  # three slots missing: no near miss
+    wider = {near_miss: "Aromi is a family friendly pub in the city centre.",
+             no_better: "Wildwood is a pub in the city centre.",  # a wrong area for a missing one: the first stays
+             lost: "Zizzi is a Chinese pub in the riverside area. It is not family friendly."}
+    calls = []
+
+    def searched(model, prompts, slots, cfg, beam_size):
+        calls.append((beam_size, prompts))
+        return [(first if beam_size == cfg.beam_size else wider)[p] for p in prompts]
+
+    monkeypatch.setattr(e2e_eval, "beam_outputs", searched)
+    test = [{"prompt": mr, "mr": mr} for mr in first]
+    outputs = e2e_eval.decode_outputs(None, test, EvalConfig(beam_size=3, widen_beam=6))
+    assert calls == [(3, list(first)), (6, [near_miss, no_better])]
+    assert outputs == [first[said], wider[near_miss], first[no_better], first[lost]]
+    calls.clear()
+    assert e2e_eval.decode_outputs(None, test, EvalConfig(beam_size=3)) == list(first.values())
+    assert calls == [(3, list(first))]  # widen_beam 0: one search
+
+
 def test_e2e_eval_scores_a_file(tmp_path):
     refs = tmp_path / "refs.csv"
     refs.write_text("mr,ref\n" + "".join(f'"{mr}","{ref}"\n' for mr, ref in PAIRS))
