@@ -16,9 +16,12 @@ yet is listed with the command that makes it.
 The decoder checks what it says (gpt2study/e2e_slots.py): a hypothesis loses --slot_penalty (1.0)
 of its score per slot error against its MR as it finishes, so the search goes on for one that says
 the MR, and of the final beam the one with the fewest slot errors is taken (--rerank_slots; ties:
-the better scored). Without both, the best scored hypothesis, as generate() gives it:
+the better scored). An output still one or two slots short is searched again with --widen_beam (40)
+beams and replaced if that says more. Without the three, the best scored hypothesis, as generate()
+gives it:
 
-    python e2e_eval.py --configs config/lora_e2e_small.py --slot_penalty=0 --rerank_slots=False --max_mrs 60
+    python e2e_eval.py --configs config/lora_e2e_small.py --max_mrs 60 \
+        --slot_penalty=0 --rerank_slots=False --widen_beam=0
 
 (--max_mrs decodes only the first MRs, to try fast).
 

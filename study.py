@@ -499,15 +499,16 @@ def plan(cfg: StudyConfig) -> list[Step]:
 
 
 class Times:
-    """Each step's wall time, summed over the study's runs of it (an interrupted step and its
-    resumption), kept in OUT_DIR/logs/times.json."""
+    """Each step's wall time, kept in OUT_DIR/logs/times.json: that of the attempt that made its output, plus
+    those of the interrupted attempts it resumed."""
 
     def __init__(self, out: Path):
         self.path = out / "logs" / "times.json"
         self.seconds = json.loads(self.path.read_text()) if self.path.is_file() else {}
 
-    def add(self, name: str, seconds: float) -> None:
-        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+    def add(self, name: str, seconds: float, resumed: bool) -> None:
+        """An attempt started afresh replaces the step's time: nothing of the earlier attempts is in its output."""
+        self.seconds[name] = (self.seconds.get(name, 0.0) if resumed else 0.0) + seconds
         write_atomic(self.path, json.dumps(self.seconds, indent=2) + "\n")
 
 
@@ -689,7 +690,7 @@ def run_step(step: Step, study: Study) -> None:
     print(f"step {step.name}: {step.shown(extra)}  (log: {display(log)})", flush=True)
     rc, interrupted, tail = run_process(step.command(extra), log, study.cfg.echo)
     seconds = time.perf_counter() - t0
-    study.times.add(step.name, seconds)
+    study.times.add(step.name, seconds, resumed=bool(extra))
     done = rc == 0 and step.done(study)
     where = "" if done else step.stopped_at()
     if where:

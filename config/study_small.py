@@ -1,4 +1,4 @@
-# Every step of config/study.py, sized for a CPU: 40 to 80 minutes on 2 cores. What `python study.py`
+# Every step of config/study.py, sized for a CPU: 45 to 90 minutes on 2 cores. What `python study.py`
 # runs on a machine without a GPU. It downloads what it needs: WikiText-2 (a 4.7 MB zip) and the E2E
 # release (1.5 MB), both checked by sha256. The small GPT-2 (4 layers, 4 heads, 128 dims, context 256)
 # pretrained on WikiText-2; run 2 a short continuation of run 1; LoRA on it with

@@ -115,7 +115,7 @@ class DecodeConfig:
     slot_penalty: float = setting(1.0, "beam search: a hypothesis loses this much of its score per slot error "
                                   "against its MR as it finishes, so the search goes on for one that says the MR "
                                   "(0: off)", at_least=0.0)
-    widen_beam: int = setting(0, "beam search: an output still missing or mistaking one or two of its MR's slots is "
+    widen_beam: int = setting(40, "beam search: an output still missing or mistaking one or two of its MR's slots is "
                               "searched again with this many beams, and replaced if that says more (0: off)",
                               at_least=0)
     batch_size: int | None = setting(None, "MRs decoded side by side (None: by device)", at_least=1)

@@ -243,3 +243,14 @@ def test_read_metrics_leaves_out_a_torn_last_line(tmp_path):
     path.write_text('{"step": 1, "split": "train", "loss": 2.0}\n{"step": 2, "spl')
     assert read_metrics(path) == [{"step": 1, "split": "train", "loss": 2.0}]
     assert read_metrics(tmp_path / "none.jsonl") == []
+
+
+def test_a_step_run_again_from_nothing_keeps_only_its_new_time(tmp_path):
+    from study import Times
+
+    times = Times(tmp_path)
+    times.add("pretrain", 50.0, resumed=False)
+    times.add("pretrain", 30.0, resumed=True)  # interrupted, then continued from its checkpoint
+    times.add("e2e_eval", 400.0, resumed=False)
+    times.add("e2e_eval", 600.0, resumed=False)  # its output moved aside and made again
+    assert Times(tmp_path).seconds == {"pretrain": 80.0, "e2e_eval": 600.0}
