@@ -116,8 +116,8 @@ class DecodeConfig:
                                   "against its MR as it finishes, so the search goes on for one that says the MR "
                                   "(0: off)", at_least=0.0)
     widen_beam: int = setting(40, "beam search: an output still missing or mistaking one or two of its MR's slots is "
-                              "searched again with this many beams, and replaced if that says more (0: off)",
-                              at_least=0)
+                              "searched again with this many beams, and replaced if that has fewer slot errors "
+                              "(0, or not above beam_size: off)", at_least=0)
     batch_size: int | None = setting(None, "MRs decoded side by side (None: by device)", at_least=1)
 
     def decoding(self) -> dict:
