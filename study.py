@@ -377,9 +377,22 @@ class Samples(Step):
         return f"{len(lines)} continuations ({settings})"
 
 
-def scores_file(eval_dir) -> Path | None:
-    found = sorted(Path(eval_dir).glob("scores*.json"), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
+def scores_file(step: Step) -> Path | None:
+    """The newest scores*.json of the evaluation step's own decoding and MR count. Tables of other settings,
+    made by hand in the same folder, lie beside it under their own names and are not the study's."""
+    cfg = step.parsed
+
+    def the_studys(path: Path) -> bool:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return False
+        of_mrs = record.get("of_mrs")
+        mrs = min(cfg.max_mrs, of_mrs) if cfg.max_mrs and of_mrs else of_mrs
+        return record.get("decoding") == cfg.decoding() and record.get("mrs") == mrs
+
+    found = [p for p in Path(step.settings["out_dir"]).glob("scores*.json") if the_studys(p)]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
 @dataclass
@@ -391,7 +404,7 @@ class Evaluation(Step):
 
     def done(self, study) -> bool:
         # the table is current when it scored every finished adapter, and after it was made
-        path = scores_file(self.settings["out_dir"])
+        path = scores_file(self)
         if path is None:
             return False
         systems = json.loads(path.read_text())["systems"].values()
@@ -760,7 +773,7 @@ def e2e_table(eval_step: Step, steps: list[Step]) -> tuple[str, dict]:
     and our model's five worst outputs with their slot errors."""
     from gpt2study.e2e_table import markdown, worst_outputs
 
-    path = scores_file(eval_step.settings["out_dir"])
+    path = scores_file(eval_step)
     record = json.loads(path.read_text()) if path else {"systems": {}}
     systems = dict(record["systems"])
     for s in steps:

@@ -254,3 +254,26 @@ def test_a_step_run_again_from_nothing_keeps_only_its_new_time(tmp_path):
     times.add("e2e_eval", 400.0, resumed=False)
     times.add("e2e_eval", 600.0, resumed=False)  # its output moved aside and made again
     assert Times(tmp_path).seconds == {"pretrain": 80.0, "e2e_eval": 600.0}
+
+
+def test_the_report_takes_the_studys_own_table_not_a_newer_one_made_by_hand(tmp_path):
+    from gpt2study.settings import EvalConfig
+    from study import Evaluation, scores_file
+
+    def table(name: str, cfg: EvalConfig, mrs: int = 630, age: int = 0) -> Path:
+        path = tmp_path / name
+        path.write_text(json.dumps({"mrs": mrs, "of_mrs": 630, "decoding": cfg.decoding(), "systems": {}}))
+        os.utime(path, (time.time() - age, time.time() - age))
+        return path
+
+    def step(cfg: EvalConfig) -> Evaluation:
+        return Evaluation("e2e_eval", "e2e_eval.py", tmp_path / "e2e_eval.py", {"out_dir": str(tmp_path)}, parsed=cfg)
+
+    assert scores_file(step(EvalConfig())) is None
+    ours = table("scores.json", EvalConfig(), age=60)
+    table("scores.beam_size_20.json", EvalConfig(beam_size=20))  # newer, other decoding
+    first3 = table("scores.first3.json", EvalConfig(), mrs=3)  # newer, fewer MRs
+    (tmp_path / "scores.torn.json").write_text('{"mrs": 6')
+    assert scores_file(step(EvalConfig())) == ours
+    assert scores_file(step(EvalConfig(max_mrs=3))) == first3
+    assert scores_file(step(EvalConfig(widen_beam=0))) is None  # a table of an older decoder is not current
